@@ -1,0 +1,117 @@
+"""Argument checks shared by the functional API and the layers.
+
+Each raises ``TypeError``/``ValueError`` naming the argument and what was expected, so bad
+input fails at the call site instead of deep inside a kernel (or, worse, silently).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(value: object, name: str = "input") -> Tensor:
+    """``value`` must be a floating-point tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+            f"got dtype {value.dtype}"
+        )
+    return value
+
+
+def check_min_dim(input: Tensor, min_dim: int, layout: str) -> None:
+    if input.dim() < min_dim:
+        raise ValueError(
+            f"input must have at least {min_dim} dimensions {layout}, "
+            f"got shape {tuple(input.shape)}"
+        )
+
+
+def check_dim(input: Tensor, allowed: Sequence[int], name: str = "input") -> None:
+    """Rank check with torch's wording, e.g. ``expected 2D or 3D input (got 4D input)``."""
+    if input.dim() not in allowed:
+        expected = " or ".join(f"{d}D" for d in allowed)
+        raise ValueError(f"expected {expected} {name} (got {input.dim()}D {name})")
+
+
+def check_eps(eps: float, name: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{name} must be a positive finite float, got {eps}")
+    return float(eps)
+
+
+def check_momentum(momentum: float | None, allow_none: bool = True) -> float | None:
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"momentum must be in [0, 1] (or None for a cumulative average), got {momentum}"
+        )
+    return float(momentum)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def check_vector(value: Tensor | None, name: str, size: int, what: str) -> None:
+    """A per-channel parameter or buffer must be ``[size]`` (``None`` passes)."""
+    if value is None:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if value.shape != (size,):
+        raise ValueError(
+            f"{name} must have shape ({size},) to match the {size} {what}, "
+            f"got shape {tuple(value.shape)}"
+        )
+
+
+def normalized_shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """torch's convention: an int means the last dimension."""
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        shape: tuple[int, ...] = (normalized_shape,)
+    elif isinstance(normalized_shape, (Sequence, torch.Size)) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape
+    ):
+        shape = tuple(normalized_shape)
+    else:
+        raise TypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        )
+    if not shape or any(d < 0 for d in shape):
+        raise ValueError(f"normalized_shape must be non-empty and non-negative, got {shape}")
+    return shape
+
+
+def check_trailing_shape(input: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(input.shape[input.dim() - len(shape) :]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"input's trailing dimensions must equal normalized_shape {shape}, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+
+
+def check_per_shape(value: Tensor | None, name: str, shape: tuple[int, ...]) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(
+            f"{name} must have shape normalized_shape {shape}, got shape {tuple(value.shape)}"
+        )

@@ -1,0 +1,261 @@
+"""The normalization family as functions, mirroring ``torch.nn.functional``.
+
+All five are one computation: view the input, without copying where its layout allows,
+as ``x4 = [N, G, K, S]`` and normalize with statistics either per ``G`` over
+``(N, K, S)`` or per ``(N, G)`` over ``(K, S)``; the affine parameters are ``[G*K]``.
+
+=============  ==========================  ===========  ==================
+function       x4 view of ``[N, C, *S]``   statistics   affine per
+=============  ==========================  ===========  ==================
+batch_norm     ``(N, C, 1, prod(S))``      per ``C``    channel
+instance_norm  ``(N, C, 1, prod(S))``      per (n, c)   channel
+group_norm     ``(N, G, C/G, prod(S))``    per (n, g)   channel
+layer_norm     ``(rows, 1, D, 1)``         per row      normalized element
+rms_norm       ``(rows, 1, D, 1)``         per row      normalized element
+=============  ==========================  ===========  ==================
+
+(for ``layer_norm``/``rms_norm``, ``D = prod(normalized_shape)`` and ``rows`` is the
+product of the leading dimensions). The kernels live in ``normlab.ops``; this module
+checks arguments, builds the view, picks a backend and keeps the running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from normlab import _checks, ops
+
+__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
+
+
+def _spatial_size(input: Tensor) -> int:
+    return math.prod(input.shape[2:])
+
+
+def _check_channel_params(input: Tensor, what: str, **params: Tensor | None) -> None:
+    channels = input.shape[1]
+    for name, value in params.items():
+        _checks.check_vector(value, name, channels, what)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """In place: ``running = (1 - momentum) * running + momentum * batch``.
+
+    ``batch_var`` is the biased variance over ``count`` elements; the running variance
+    stores the unbiased one, ``var * count / (count - 1)``, as torch does. A channel
+    whose batch statistics are NaN/Inf keeps its previous running values (the output
+    still follows torch), so one bad batch under AMP cannot poison the model.
+    """
+    if count == 0:
+        return  # an empty batch carries no statistics; torch leaves the buffers as they are
+    unbiased = batch_var * (count / (count - 1)) if count > 1 else batch_var
+    finite = torch.isfinite(batch_mean) & torch.isfinite(unbiased)
+    work = batch_mean.dtype
+    new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
+    new_var = running_var.to(work) * (1 - momentum) + unbiased * momentum
+    if not bool(finite.all()):
+        warnings.warn(
+            "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
+            "kept their previous values for the affected channels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        new_mean = torch.where(finite, new_mean, running_mean.to(work))
+        new_var = torch.where(finite, new_var, running_var.to(work))
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Batch Normalization of ``input [N, C, *S]`` with statistics per channel.
+
+    In training (or without running statistics) it normalizes with the batch's mean and
+    biased variance over ``(N, *S)`` and, when given, updates ``running_mean`` /
+    ``running_var`` in place (``momentum`` is the weight of the new batch: Keras'
+    ``momentum=0.99`` is ``momentum=0.01`` here). Otherwise it uses the running ones.
+    """
+    _checks.check_tensor(input)
+    _checks.check_min_dim(input, 2, "[N, C, *]")
+    _checks.check_eps(eps)
+    _checks.check_momentum(momentum, allow_none=False)
+    _check_channel_params(
+        input, "channels of input (dim 1)",
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
+    if training and n * spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    x4 = input.reshape(n, channels, 1, spatial)
+    kernels = ops.resolve(input, backend)
+    if not training:
+        y4 = kernels.normalize_with_stats(x4, running_mean, running_var, weight, bias, eps=eps)
+        return y4.reshape(input.shape)
+    y4, mean, var = kernels.normalize(x4, weight, bias, per_sample=False, center=True, eps=eps)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, n * spatial, momentum)
+    return y4.reshape(input.shape)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Instance Normalization of ``input [N, C, *S]``: statistics per sample and channel.
+
+    With ``use_input_stats`` and running buffers, those are updated (in place) with the
+    per-instance statistics averaged over the batch, as torch does.
+    """
+    _checks.check_tensor(input)
+    _checks.check_min_dim(input, 3, "[N, C, *S]")
+    _checks.check_eps(eps)
+    _checks.check_momentum(momentum, allow_none=False)
+    _check_channel_params(
+        input, "channels of input (dim 1)",
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if not use_input_stats and running_mean is None:
+        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
+    if use_input_stats and spatial == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {input.size()}"
+        )
+    x4 = input.reshape(n, channels, 1, spatial)
+    kernels = ops.resolve(input, backend)
+    if not use_input_stats:
+        y4 = kernels.normalize_with_stats(x4, running_mean, running_var, weight, bias, eps=eps)
+        return y4.reshape(input.shape)
+    y4, mean, var = kernels.normalize(x4, weight, bias, per_sample=True, center=True, eps=eps)
+    if running_mean is not None and n > 0:
+        # torch averages each instance's statistics over the batch; the Bessel factor
+        # S / (S - 1) is the same for every instance, so averaging the biased variances
+        # and correcting once is the same thing.
+        update_running_stats(
+            running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum
+        )
+    return y4.reshape(input.shape)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Group Normalization of ``input [N, C, *S]``: statistics per sample over each group
+    of ``C / num_groups`` channels (and ``*S``). ``num_groups=1`` is LayerNorm over
+    ``(C, *S)``; ``num_groups=C`` is InstanceNorm."""
+    _checks.check_tensor(input)
+    _checks.check_min_dim(input, 2, "[N, C, *]")
+    _checks.check_positive_int(num_groups, "num_groups")
+    _checks.check_eps(eps)
+    n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
+    if channels % num_groups:
+        raise ValueError(
+            f"num_groups ({num_groups}) must divide the number of channels of input ({channels})"
+        )
+    _check_channel_params(input, "channels of input (dim 1)", weight=weight, bias=bias)
+    x4 = input.reshape(n, num_groups, channels // num_groups, spatial)
+    y4, _, _ = ops.resolve(input, backend).normalize(
+        x4, weight, bias, per_sample=True, center=True, eps=eps
+    )
+    return y4.reshape(input.shape)
+
+
+def _rows_view(
+    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    _checks.check_trailing_shape(input, shape)
+    _checks.check_per_shape(weight, "weight", shape)
+    _checks.check_per_shape(bias, "bias", shape)
+    features = math.prod(shape)
+    rows = math.prod(input.shape[: input.dim() - len(shape)])
+    x4 = input.reshape(rows, 1, features, 1)
+    return x4, _flat_or_none(weight, features), _flat_or_none(bias, features)
+
+
+def _flat_or_none(param: Tensor | None, features: int) -> Tensor | None:
+    return None if param is None else param.reshape(features)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Layer Normalization over the trailing ``normalized_shape`` dimensions of ``input``."""
+    _checks.check_tensor(input)
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    _checks.check_eps(eps)
+    x4, weight, bias = _rows_view(input, shape, weight, bias)
+    y4, _, _ = ops.resolve(input, backend).normalize(
+        x4, weight, bias, per_sample=True, center=True, eps=eps
+    )
+    return y4.reshape(input.shape)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """RMS Normalization: ``x / sqrt(mean(x^2) + eps) * weight`` over the trailing
+    ``normalized_shape`` dimensions. ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    _checks.check_tensor(input)
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    eps = torch.finfo(input.dtype).eps if eps is None else _checks.check_eps(eps)
+    x4, weight, _ = _rows_view(input, shape, weight, None)
+    y4, _, _ = ops.resolve(input, backend).normalize(
+        x4, weight, None, per_sample=True, center=False, eps=eps
+    )
+    return y4.reshape(input.shape)

@@ -1,0 +1,89 @@
+"""Kernel backends behind one interface, and the choice between them.
+
+Every backend module exposes the same two functions on the canonical view
+``x4 = [N, G, K, S]`` (see ``normlab.ops.torch_ops`` for the contract):
+
+- ``normalize(x4, weight, bias, *, per_sample, center, eps) -> (y4, mean, var)``
+- ``normalize_with_stats(x4, mean, var, weight, bias, *, eps) -> y4``
+
+and a ``supports(x) -> bool`` telling whether it can run on that tensor (the composite
+``torch`` backend runs on everything).
+
+The backend is chosen, first match wins, by: the ``backend=`` argument of a functional
+call, the innermost ``normlab.use_backend(...)`` context, the ``NORMLAB_BACKEND``
+environment variable, then ``"auto"``: the fastest registered backend that supports the
+tensor. A backend that does not support a tensor (say, ``"cpu"`` given a CUDA tensor)
+falls back to ``"torch"``, which computes the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+from torch import Tensor
+
+# Fastest first: "auto" takes the first one that imports and supports the tensor.
+_MODULES = {"cpu": "normlab.ops.cpu", "torch": "normlab.ops.torch_ops"}
+CHOICES = ("auto", *_MODULES)
+ENV_VAR = "NORMLAB_BACKEND"
+
+_local = threading.local()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _load(name: str) -> ModuleType | None:
+    """Import a backend once; a backend whose engine is missing is simply unavailable."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError:
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    """Names of the backends that import on this machine."""
+    return [name for name in _MODULES if _load(name) is not None]
+
+
+def _check_choice(name: str, source: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{source} must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for by context manager or environment (``"auto"`` if none)."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _check_choice(env, f"environment variable {ENV_VAR}") if env else "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed normlab calls on backend ``name`` (``"auto"``, ``"cpu"``, ``"torch"``)."""
+    _check_choice(name, "backend")
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def resolve(x: Tensor, backend: str | None = None) -> ModuleType:
+    """The backend module that will normalize ``x``."""
+    name = _check_choice(backend, "backend") if backend is not None else requested()
+    candidates = list(_MODULES) if name == "auto" else [name, "torch"]
+    for candidate in candidates:
+        module = _load(candidate)
+        if module is not None and module.supports(x):
+            return module
+    raise RuntimeError("the composite torch backend failed to import")  # pragma: no cover
