@@ -17,6 +17,11 @@ from torch import Tensor
 NAME = "torch"
 
 
+def supports(x: Tensor) -> bool:
+    """Composite torch code runs on every device and floating dtype."""
+    return True
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are accumulated in at least float32 (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -96,6 +101,48 @@ def normalize_with_stats(
     return _affine(xhat, weight, bias).to(x4.dtype)
 
 
-def supports(x: Tensor) -> bool:
-    """Composite torch code runs on every device and floating dtype."""
-    return True
+# Split-phase BatchNorm pieces: SyncBatchNorm combines statistics across processes between
+# the local reductions and the elementwise passes, so it needs them apart.
+
+
+def moments(x4: Tensor, *, per_sample: bool, center: bool) -> tuple[Tensor, Tensor]:
+    """Biased ``(mean, var)`` of ``x4 [N, G, K, S]``, ``[G]`` or ``[N, G]``, compute dtype."""
+    xc = x4.to(compute_dtype(x4.dtype))
+    dims = _reduce_dims(per_sample)
+    if center:
+        var, mean = torch.var_mean(xc, dim=dims, correction=0)
+        return mean, var
+    var = xc.square().mean(dim=dims)
+    return torch.zeros_like(var), var
+
+
+def backward_reduce(
+    dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(sum dy, sum dy * xhat)`` over ``(N, K, S)`` for BatchNorm statistics
+    ``mean``/``rstd`` ``[G]``; these give ``dbias`` and ``dweight`` directly."""
+    work = compute_dtype(x4.dtype)
+    dy = dy4.to(work)
+    xhat = (x4.to(work) - _broadcast_stats(mean, False)) * _broadcast_stats(rstd, False)
+    return dy.sum(dim=(0, 2, 3)), (dy * xhat).sum(dim=(0, 2, 3))
+
+
+def backward_apply(
+    dy4: Tensor,
+    x4: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+) -> Tensor:
+    """BatchNorm input gradient from (possibly globally summed) reductions over ``count``
+    elements per channel: ``dx = w * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
+    """
+    work = compute_dtype(x4.dtype)
+    xhat = (x4.to(work) - _broadcast_stats(mean, False)) * _broadcast_stats(rstd, False)
+    scale = rstd if weight is None else rstd * weight.to(work)
+    dx = dy4.to(work) - _broadcast_stats(sum_dy / count, False)
+    dx = dx - xhat * _broadcast_stats(sum_dy_xhat / count, False)
+    return (dx * _broadcast_stats(scale, False)).to(x4.dtype)
