@@ -1,0 +1,22 @@
+"""Shared fixtures: every numerical test runs once per available kernel backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import normlab
+from normlab import ops
+
+# Keep tests reproducible and light on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(params=ops.available())
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test with ``normlab.use_backend(name)`` for each importable backend."""
+    with normlab.use_backend(request.param):
+        yield request.param
