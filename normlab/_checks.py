@@ -81,6 +81,14 @@ def check_vector(value: Tensor | None, name: str, size: int, what: str) -> None:
         )
 
 
+def check_values_per_channel(input: Tensor) -> None:
+    """BatchNorm training needs more than one value per channel (torch's condition)."""
+    if input.numel() and input.numel() // input.shape[1] == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+
+
 def normalized_shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     """torch's convention: an int means the last dimension."""
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):

@@ -111,10 +111,8 @@ def batch_norm(
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
     n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
-    if training and n * spatial == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()}"
-        )
+    if training:
+        _checks.check_values_per_channel(input)
     x4 = input.reshape(n, channels, 1, spatial)
     kernels = ops.resolve(input, backend)
     if not training:

@@ -21,6 +21,7 @@ class BatchNormBase(NormBase):
     _allowed_dims: tuple[int, ...] = ()
 
     def _check_input_dim(self, input: Tensor) -> None:
+        """Everything that can reject ``input``, checked before any buffer changes."""
         _checks.check_tensor(input)
         _checks.check_dim(input, self._allowed_dims)
         if input.shape[1] != self.num_features:
@@ -28,6 +29,8 @@ class BatchNormBase(NormBase):
                 f"expected input with num_features={self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
+        if self.training:
+            _checks.check_values_per_channel(input)
 
     def _average_factor(self) -> float:
         """Counts the batch (in training) and returns the running-average weight of it."""

@@ -1,0 +1,187 @@
+"""Bad input fails loudly, with the argument and the expectation in the message, and
+leaves the module's state untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import normlab
+import normlab.functional as F
+
+x2, x3, x4 = torch.randn(4, 3), torch.randn(4, 3, 5), torch.randn(4, 3, 5, 5)
+
+# (id, action, exception type, message pattern)
+BAD_INPUTS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    (
+        "bn1d-rank",
+        lambda: normlab.BatchNorm1d(3)(x4),
+        ValueError,
+        r"expected 2D or 3D input \(got 4D",
+    ),
+    ("bn2d-rank", lambda: normlab.BatchNorm2d(3)(x3), ValueError, r"expected 4D input \(got 3D"),
+    ("bn3d-rank", lambda: normlab.BatchNorm3d(3)(x4), ValueError, r"expected 5D input \(got 4D"),
+    ("in1d-rank", lambda: normlab.InstanceNorm1d(3)(x4), ValueError, r"expected 2D or 3D input"),
+    ("in2d-rank", lambda: normlab.InstanceNorm2d(3)(x2), ValueError, r"expected 3D or 4D input"),
+    ("gn-rank", lambda: normlab.GroupNorm(1, 3)(torch.randn(3)), ValueError, r"at least 2 dim"),
+    (
+        "bn-channels",
+        lambda: normlab.BatchNorm2d(4)(x4),
+        ValueError,
+        r"num_features=4.*\(4, 3, 5, 5\)",
+    ),
+    ("bn1d-channels", lambda: normlab.BatchNorm1d(5)(x2), ValueError, r"num_features=5"),
+    (
+        "in-affine-channels",
+        lambda: normlab.InstanceNorm1d(4, affine=True)(x3),
+        ValueError,
+        r"match num_features \(4\)",
+    ),
+    ("gn-channels", lambda: normlab.GroupNorm(2, 4)(x3), ValueError, r"num_channels=4"),
+    ("ln-shape", lambda: normlab.LayerNorm(4)(x3), ValueError, r"normalized_shape \(4,\)"),
+    ("rms-shape", lambda: normlab.RMSNorm((3, 4))(x3), ValueError, r"normalized_shape \(3, 4\)"),
+    ("bn-eps-zero", lambda: normlab.BatchNorm2d(3, eps=0), ValueError, r"eps must be a positive"),
+    ("bn-eps-negative", lambda: normlab.BatchNorm1d(3, eps=-1e-5), ValueError, r"eps must be"),
+    ("in-eps", lambda: normlab.InstanceNorm2d(3, eps=0.0), ValueError, r"eps must be"),
+    ("gn-eps", lambda: normlab.GroupNorm(1, 3, eps=0), ValueError, r"eps must be"),
+    ("ln-eps", lambda: normlab.LayerNorm(3, eps=-1.0), ValueError, r"eps must be"),
+    ("rms-eps", lambda: normlab.RMSNorm(3, eps=0.0), ValueError, r"eps must be"),
+    ("eps-type", lambda: normlab.BatchNorm2d(3, eps="small"), TypeError, r"eps must be"),
+    ("functional-eps", lambda: F.layer_norm(x3, 5, eps=0), ValueError, r"eps must be"),
+    (
+        "momentum-high",
+        lambda: normlab.BatchNorm2d(3, momentum=1.5),
+        ValueError,
+        r"momentum must be in \[0, 1\]",
+    ),
+    (
+        "momentum-negative",
+        lambda: normlab.BatchNorm1d(3, momentum=-0.1),
+        ValueError,
+        r"momentum must be in \[0, 1\]",
+    ),
+    ("momentum-in", lambda: normlab.InstanceNorm1d(3, momentum=2.0), ValueError, r"momentum"),
+    (
+        "functional-momentum",
+        lambda: F.batch_norm(x2, None, None, training=True, momentum=3.0),
+        ValueError,
+        r"momentum must be in \[0, 1\]",
+    ),
+    (
+        "groups-divide",
+        lambda: normlab.GroupNorm(4, 6),
+        ValueError,
+        r"num_groups \(4\) must divide num_channels \(6\)",
+    ),
+    (
+        "functional-groups",
+        lambda: F.group_norm(torch.randn(2, 6, 3), 4),
+        ValueError,
+        r"num_groups \(4\) must divide",
+    ),
+    ("num-features-type", lambda: normlab.BatchNorm2d(3.0), TypeError, r"num_features must be"),
+    ("num-features-zero", lambda: normlab.BatchNorm2d(0), ValueError, r"num_features must be"),
+    ("normalized-shape-type", lambda: normlab.LayerNorm("4"), TypeError, r"normalized_shape"),
+    (
+        "int-input",
+        lambda: normlab.BatchNorm1d(3)(torch.ones(4, 3, dtype=torch.long)),
+        TypeError,
+        r"floating-point tensor.*torch.int64",
+    ),
+    (
+        "int-input-ln",
+        lambda: normlab.LayerNorm(3)(torch.ones(4, 3, dtype=torch.int32)),
+        TypeError,
+        r"floating-point",
+    ),
+    (
+        "not-a-tensor",
+        lambda: normlab.GroupNorm(1, 3)([[1.0, 2.0, 3.0]]),
+        TypeError,
+        r"input must be a torch.Tensor, got list",
+    ),
+    (
+        "one-value-per-channel",
+        lambda: normlab.BatchNorm1d(3)(torch.randn(1, 3)),
+        ValueError,
+        r"Expected more than 1 value per channel when training",
+    ),
+    (
+        "one-value-per-channel-2d",
+        lambda: normlab.BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
+        ValueError,
+        r"more than 1 value per channel",
+    ),
+    (
+        "instance-one-spatial",
+        lambda: normlab.InstanceNorm1d(3)(torch.randn(2, 3, 1)),
+        ValueError,
+        r"more than 1 spatial element",
+    ),
+    (
+        "functional-weight-shape",
+        lambda: F.batch_norm(x3, None, None, torch.ones(4), training=True),
+        ValueError,
+        r"weight must have shape \(3,\)",
+    ),
+    (
+        "functional-running-shape",
+        lambda: F.batch_norm(x3, torch.zeros(2), torch.ones(2), training=True),
+        ValueError,
+        r"running_mean must have shape \(3,\)",
+    ),
+    (
+        "functional-eval-needs-stats",
+        lambda: F.batch_norm(x3, None, None),
+        ValueError,
+        r"required when training=False",
+    ),
+    (
+        "functional-ln-weight",
+        lambda: F.layer_norm(x3, 5, torch.ones(4)),
+        ValueError,
+        r"weight must have shape normalized_shape \(5,\)",
+    ),
+    (
+        "backend-name",
+        lambda: F.layer_norm(x3, 5, backend="gpu"),
+        ValueError,
+        r"backend must be one of",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "action,error,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_raises_a_clear_error(
+    action: Callable[[], object], error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        action()
+
+
+def test_momentum_is_checked_when_changed_later() -> None:
+    bn = normlab.BatchNorm2d(3)
+    with pytest.raises(ValueError, match="momentum"):
+        bn.momentum = 1.2
+    bn.momentum = None  # a cumulative average is allowed
+
+
+def test_rejected_batch_leaves_buffers_and_counter_untouched() -> None:
+    bn = normlab.BatchNorm1d(3)
+    bn(torch.randn(8, 3))
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    for bad in (torch.randn(8, 4), torch.randn(1, 3), torch.ones(8, 3, dtype=torch.long)):
+        with pytest.raises((ValueError, TypeError)):
+            bn(bad)
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_backend_environment_variable_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NORMLAB_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="NORMLAB_BACKEND must be one of"):
+        F.layer_norm(x3, 5)
