@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor
 
-from normlab import _checks
+from normlab import _checks, ops
 from normlab import functional as F
 from normlab.nn.base import NormBase
+
+SMALL_BATCH_POLICIES = ("error", "running", "skip_update")
+
+
+def _one_value_per_channel(input: Tensor) -> bool:
+    return input.numel() > 0 and input.numel() // input.shape[1] == 1
 
 
 class BatchNormBase(NormBase):
@@ -16,9 +25,51 @@ class BatchNormBase(NormBase):
     over ``(N, *S)`` in training, and ``running_mean``/``running_var`` in eval (when
     ``track_running_stats``). ``momentum`` weighs the new batch in the running average
     (Keras' ``momentum=0.99`` is ``0.01`` here); ``None`` means a cumulative average.
+
+    Beyond torch (plain attributes, not in the state_dict):
+
+    - ``freeze_stats`` (default ``False``; set it on the layer, it survives ``.train()``):
+      in training, normalize with the running statistics and leave them and
+      ``num_batches_tracked`` unchanged; ``weight``/``bias`` still get gradients.
+    - ``small_batch`` (keyword-only): what a training batch with one value per channel does:
+      ``"error"`` (torch's ValueError), ``"running"`` (normalize with the running
+      statistics, no update) or ``"skip_update"`` (normalize with the batch's own
+      statistics, so the output is ``bias``, and update nothing).
     """
 
     _allowed_dims: tuple[int, ...] = ()
+    freeze_stats: bool = False
+    small_batch: str = "error"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        small_batch: str = "error",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        if small_batch not in SMALL_BATCH_POLICIES:
+            raise ValueError(
+                f"small_batch must be one of {SMALL_BATCH_POLICIES}, got {small_batch!r}"
+            )
+        self.small_batch = small_batch
+
+    def _stats_frozen(self, input: Tensor) -> bool:
+        """Whether this training step normalizes with the running statistics, untouched."""
+        if not (self.training and self.running_mean is not None):
+            return False
+        return self.freeze_stats or (
+            self.small_batch == "running" and _one_value_per_channel(input)
+        )
 
     def _check_input_dim(self, input: Tensor) -> None:
         """Everything that can reject ``input``, checked before any buffer changes."""
@@ -29,7 +80,7 @@ class BatchNormBase(NormBase):
                 f"expected input with num_features={self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
-        if self.training:
+        if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
             _checks.check_values_per_channel(input)
 
     def _average_factor(self) -> float:
@@ -43,6 +94,17 @@ class BatchNormBase(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if self._stats_frozen(input):
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias,
+                False, 0.0, self.eps,
+            )
+        if self.training and _one_value_per_channel(input):  # small_batch="skip_update"
+            y4, _, _ = ops.resolve(input).normalize(
+                input.reshape(1, -1, 1, 1), self.weight, self.bias,
+                per_sample=False, center=True, eps=self.eps,
+            )
+            return y4.reshape(input.shape)
         factor = self._average_factor()
         # Batch statistics in training, and in eval when there are no running ones.
         use_batch_stats = self.training or self.running_mean is None
