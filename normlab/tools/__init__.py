@@ -1,0 +1,13 @@
+"""Tools for models with normalization layers: fold, recalibrate, convert, Keras conventions.
+
+- ``fold_batchnorm`` / ``fold_weights``: BatchNorm into the preceding Conv/Linear (inference).
+- ``recalibrate``: exact population statistics ("precise BN") over a set of batches.
+- ``convert``: torch.nn <-> normlab, BatchNorm -> GroupNorm / SyncBatchNorm / frozen.
+- ``from_keras`` / ``to_keras``: Keras' BatchNormalization parameters and conventions.
+
+Diagnostics live in ``normlab.inspect``.
+"""
+
+from normlab.tools.fold import find_foldable, fold_batchnorm, fold_weights
+
+__all__ = ["find_foldable", "fold_batchnorm", "fold_weights"]

@@ -1,0 +1,98 @@
+"""Which modules are norms: torch.nn's and normlab's, plain, frozen or fused with an activation.
+
+Detection is by class (``isinstance``) for the families we know, plus duck typing for
+frozen BatchNorm layers (torchvision's and normlab's ``FrozenBatchNorm2d`` hold
+``weight``/``bias``/``running_mean``/``running_var`` as buffers and never update them).
+normlab is imported lazily so the tools work while parts of the package are missing.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+
+def _normlab_class(name: str) -> type | None:
+    """``normlab.nn.<name>`` if it exists (the layers are written in parallel)."""
+    try:
+        import normlab.nn as nlnn
+    except ImportError:  # pragma: no cover - the package always has nn once it lands
+        return None
+    cls = getattr(nlnn, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm whose statistics and affine are constants (buffers), e.g. FrozenBatchNorm2d."""
+    frozen = _normlab_class("FrozenBatchNorm2d")
+    if frozen is not None and isinstance(module, frozen):
+        return True
+    return "FrozenBatchNorm" in type(module).__name__ and all(
+        hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")
+    )
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """torch.nn BatchNorm (incl. SyncBatchNorm), normlab BatchNormBase (incl. fused +act), frozen."""
+    if isinstance(module, _BatchNorm):
+        return True
+    base = _normlab_class("BatchNormBase")
+    if base is not None and isinstance(module, base):
+        return True
+    return is_frozen_batchnorm(module)
+
+
+def is_instancenorm(module: nn.Module) -> bool:
+    if isinstance(module, _InstanceNorm):
+        return True
+    base = _normlab_class("InstanceNormBase")
+    return base is not None and isinstance(module, base)
+
+
+def tracks_running_stats(module: nn.Module) -> bool:
+    """A norm whose running statistics are updated in training: torch/normlab BN and IN.
+
+    Frozen BatchNorm is excluded: its statistics are constants by design.
+    """
+    if is_frozen_batchnorm(module):
+        return False
+    base = _normlab_class("NormBase")
+    known = isinstance(module, _NormBase) or (base is not None and isinstance(module, base))
+    return (
+        known
+        and bool(getattr(module, "track_running_stats", False))
+        and getattr(module, "running_mean", None) is not None
+        and getattr(module, "running_var", None) is not None
+    )
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Any normalization layer we know of (used to pick layers to inspect)."""
+    if is_batchnorm(module) or is_instancenorm(module):
+        return True
+    torch_norms: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    if hasattr(nn, "RMSNorm"):
+        torch_norms += (nn.RMSNorm,)
+    if isinstance(module, torch_norms):
+        return True
+    for name in ("NormBase", "LayerNorm", "GroupNorm", "RMSNorm"):
+        cls = _normlab_class(name)
+        if cls is not None and isinstance(module, cls):
+            return True
+    return False
+
+
+def fused_activation(module: nn.Module) -> nn.Module | None:
+    """The activation (and dropout) a fused norm+act layer applies after normalizing, else None.
+
+    Follows timm's ``BatchNormAct2d`` layout (``drop`` then ``act`` attributes), which
+    normlab's fused layers share.
+    """
+    act = getattr(module, "act", None)
+    if not isinstance(act, nn.Module):
+        return None
+    drop = getattr(module, "drop", None)
+    if isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+        return nn.Sequential(drop, act)
+    return act
