@@ -34,7 +34,7 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
 
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """torch.nn BatchNorm (incl. SyncBatchNorm), normlab BatchNormBase (incl. fused +act), frozen."""
+    """torch.nn BatchNorm (incl. SyncBatchNorm), normlab BatchNormBase (incl. +act), frozen."""
     if isinstance(module, _BatchNorm):
         return True
     base = _normlab_class("BatchNormBase")

@@ -100,7 +100,9 @@ def _check_fold(model: nn.Module, x: torch.Tensor, expect_pairs: int) -> nn.Modu
 
 @pytest.mark.parametrize("backend", ["torch", "normlab"])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("name,layer_fn,dim,shape,channels_last", LAYERS, ids=[r[0] for r in LAYERS])
+@pytest.mark.parametrize(
+    "name,layer_fn,dim,shape,channels_last", LAYERS, ids=[r[0] for r in LAYERS]
+)
 def test_fold_equivalence(name, layer_fn, dim, shape, channels_last, backend, affine):
     model = _make(layer_fn, dim, backend, affine)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
