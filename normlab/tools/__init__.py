@@ -9,5 +9,12 @@ Diagnostics live in ``normlab.inspect``.
 """
 
 from normlab.tools.fold import find_foldable, fold_batchnorm, fold_weights
+from normlab.tools.recalibrate import default_forward, recalibrate
 
-__all__ = ["find_foldable", "fold_batchnorm", "fold_weights"]
+__all__ = [
+    "default_forward",
+    "find_foldable",
+    "fold_batchnorm",
+    "fold_weights",
+    "recalibrate",
+]
