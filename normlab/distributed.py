@@ -1,0 +1,248 @@
+"""Cross-process BatchNorm statistics on ``torch.distributed`` (any backend: gloo, nccl).
+
+``sync_batch_norm`` normalizes each process's slice of a global batch with the statistics
+of the whole batch, exactly as one process would on the concatenated batch:
+
+forward
+    every rank computes its local per-channel ``(count, mean, M2)`` with the backend's
+    fast kernels, ONE ``all_gather`` exchanges them, and every rank merges them with
+    Chan's parallel formula (exact count weighting; a rank with 0 samples contributes
+    nothing): ``mean = sum n_r m_r / n``, ``M2 = sum M2_r + sum n_r (m_r - mean)^2``.
+backward
+    every rank reduces its local ``(sum dy, sum dy * xhat)``, ONE ``all_reduce`` sums
+    them, and the input gradient is applied locally. The weight/bias gradients stay
+    local, as in ``torch.nn.SyncBatchNorm``: DistributedDataParallel sums (averages)
+    parameter gradients across ranks itself.
+
+A collective that fails (dead peer, timeout of the process group) raises a
+``RuntimeError`` naming the collective instead of hanging; with nccl, timeouts are
+reported by its watchdog (see ``docs/distributed.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from normlab import _checks, ops
+from normlab.functional import update_running_stats
+
+__all__ = ["is_sync_possible", "world_size", "gather_batch_stats", "sync_batch_norm"]
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default (WORLD) group
+
+
+def world_size(process_group: ProcessGroup = None) -> int:
+    """Size of ``process_group`` (default: WORLD), or 1 when torch.distributed is not running."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def is_sync_possible(process_group: ProcessGroup = None) -> bool:
+    """True when statistics can (and need to) be combined across processes."""
+    return world_size(process_group) > 1
+
+
+def _describe(process_group: ProcessGroup) -> str:
+    try:
+        backend = dist.get_backend(process_group)
+        rank = dist.get_rank(process_group)
+        size = dist.get_world_size(process_group)
+    except Exception:  # the group itself may be what broke
+        return "process group unavailable"
+    return f"backend {backend}, rank {rank} of {size}"
+
+
+def _collective(name: str, what: str, call: Any, *args: Any, group: ProcessGroup) -> None:
+    """Run one blocking collective; re-raise a failure with the collective's name.
+
+    A dead or missing peer surfaces as an exception from the backend once the process
+    group's ``timeout`` (``init_process_group(timeout=...)``) expires, or at once when the
+    peer's connection closes; either way the user learns which collective failed.
+    """
+    try:
+        call(*args, group=group)
+    except Exception as exc:  # DistBackendError, RuntimeError, ValueError from the backend
+        raise RuntimeError(
+            f"normlab.SyncBatchNorm: {name} of {what} failed ({_describe(group)}); a peer "
+            f"process may have died, run a different number of SyncBatchNorm layers, or not "
+            f"reached this step within the process group's timeout: {exc}"
+        ) from exc
+
+
+def _all_gather_flat(output: Tensor, input: Tensor, group: ProcessGroup) -> None:
+    # torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated);
+    # both take the flat concatenation of every rank's input as the output.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
+def _stats_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the exchanged statistics: counts stay exact past 2**24 and the merge
+    adds no rounding; MPS has no float64, so it keeps float32."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def gather_batch_stats(
+    mean: Tensor, var: Tensor, count: int, process_group: ProcessGroup = None
+) -> tuple[Tensor, Tensor, int]:
+    """Merge every rank's per-channel statistics into the global batch's: ONE all_gather.
+
+    ``mean``/``var`` ``[C]`` are this rank's mean and biased variance over ``count``
+    elements per channel (ignored when ``count == 0``). Returns the global ``(mean, var,
+    count)``, ``mean``/``var`` ``[C]`` in ``mean``'s dtype, ``var`` biased.
+    """
+    channels = mean.shape[0]
+    work = _stats_dtype(mean.device)
+    packed = torch.empty(1 + 2 * channels, dtype=work, device=mean.device)
+    packed[0] = count
+    if count > 0:
+        packed[1 : 1 + channels] = mean
+        packed[1 + channels :] = var.to(work) * count  # M2: sum of squared deviations
+    else:
+        packed[1:] = 0  # zero weight below, but 0 * NaN would still poison the sums
+    size = dist.get_world_size(process_group)
+    gathered = torch.empty(size * packed.numel(), dtype=work, device=mean.device)
+    _collective(
+        "all_gather", "batch statistics", _all_gather_flat, gathered, packed, group=process_group
+    )
+    gathered = gathered.view(size, packed.numel())
+    counts = gathered[:, :1]  # [W, 1]
+    means, m2s = gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    total = int(round(float(counts.sum())))
+    if total == 0:
+        nan = torch.full_like(mean, float("nan"))
+        return nan, nan.clone(), 0
+    # Chan et al.'s parallel merge, all partitions at once: exact, and no E[x^2] - E[x]^2.
+    global_mean = (counts * means).sum(0) / total
+    global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
+    return global_mean.to(mean.dtype), (global_m2 / total).to(mean.dtype), total
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Normalize with given global statistics; backward sums the reductions across ranks.
+
+    The statistics are inputs (computed outside under ``no_grad``), but backward returns
+    the full input gradient, including the path through the global mean and variance.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        eps: float,
+        process_group: ProcessGroup,
+        backend: str | None,
+    ) -> Tensor:
+        kernels = ops.resolve(input, backend)
+        x4 = _view4(input)
+        y4 = kernels.normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
+        ctx.save_for_backward(input, weight, mean, torch.rsqrt(var + eps))
+        ctx.count, ctx.group, ctx.backend = count, process_group, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y4.reshape(input.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, weight, mean, rstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        kernels = ops.resolve(input, ctx.backend)
+        x4, dy4 = _view4(input), _view4(grad_output)
+        if x4.numel() > 0:
+            sum_dy, sum_dy_xhat = kernels.backward_reduce(dy4, x4, mean, rstd)
+        else:  # a rank with no samples still joins the collective, with zeros
+            sum_dy, sum_dy_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        grad_input = None
+        if need_input:
+            # Every rank's output depends on every rank's input through the statistics:
+            # the input gradient needs the global sums. One all_reduce carries both.
+            packed = torch.cat([sum_dy, sum_dy_xhat])
+            _collective(
+                "all_reduce", "gradient sums (sum dy, sum dy*xhat)", dist.all_reduce, packed,
+                group=ctx.group,
+            )
+            channels = mean.shape[0]
+            global_dy, global_dy_xhat = packed[:channels], packed[channels:]
+            if x4.numel() > 0:
+                dx4 = kernels.backward_apply(
+                    dy4, x4, mean, rstd, weight, global_dy, global_dy_xhat, ctx.count
+                )
+                grad_input = dx4.reshape(input.shape)
+            else:
+                grad_input = torch.zeros_like(input)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _view4(input: Tensor) -> Tensor:
+    """``[N, C, *S] -> [N, C, 1, prod(S)]``: a view for contiguous and channels-last input."""
+    n, channels = input.shape[0], input.shape[1]
+    return input.reshape(n, channels, 1, math.prod(input.shape[2:]))
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: ProcessGroup = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Training-mode BatchNorm of ``input [N, C, *S]`` with statistics over all ranks.
+
+    Every rank of ``process_group`` must call it (with any ``N``, including 0) the same
+    number of times, and backward likewise. ``running_mean``/``running_var`` ``[C]``, when
+    given, are updated in place with the global statistics (unbiased variance over the
+    global count; a non-finite batch leaves them unchanged, with a warning).
+    """
+    _checks.check_tensor(input)
+    _checks.check_min_dim(input, 2, "[N, C, *]")
+    _checks.check_eps(eps)
+    _checks.check_momentum(momentum, allow_none=False)
+    channels = input.shape[1]
+    for name, value in (
+        ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        _checks.check_vector(value, name, channels, "channels of input (dim 1)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    kernels = ops.resolve(input, backend)
+    x4 = _view4(input)
+    local_count = x4.shape[0] * x4.shape[3]
+    with torch.no_grad():
+        if local_count > 0:
+            mean, var = kernels.moments(x4, per_sample=False, center=True)
+        else:
+            work = torch.float64 if input.dtype == torch.float64 else torch.float32
+            mean = torch.zeros(channels, dtype=work, device=input.device)
+            var = torch.zeros_like(mean)
+        mean, var, count = gather_batch_stats(mean, var, local_count, process_group)
+    if count <= 1:
+        # Checked after the collective, so every rank raises together instead of hanging.
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got "
+            f"{count} over all ranks of the process group (this rank: input size {input.size()})"
+        )
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return _SyncBatchNormFunction.apply(
+        input, weight, bias, mean, var, count, eps, process_group, backend
+    )

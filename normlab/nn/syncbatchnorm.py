@@ -1,0 +1,231 @@
+"""SyncBatchNorm: BatchNorm with statistics over every process of a process group.
+
+Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as GPU (nccl), and ranks
+may hold different batch sizes, including none at all. The math lives in
+``normlab.distributed``; this module holds the parameters, buffers and conversions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normlab import _checks
+from normlab import distributed as D
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+
+__all__ = [
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "register_sync_conversion",
+]
+
+
+class SyncBatchNorm(BatchNormBase):
+    """BatchNorm over ``input [N, C, *S]`` (2D to 5D) with the statistics of the global batch.
+
+    In training, with ``torch.distributed`` initialized and more than one process in
+    ``process_group`` (default: WORLD), the mean and variance are those of the batch
+    concatenated over all ranks: one ``all_gather`` in forward, one ``all_reduce`` in
+    backward. Otherwise (not initialized, world size 1, eval) it is plain BatchNorm.
+    Parameters, buffers and state_dict keys are those of ``BatchNorm*d`` and
+    ``torch.nn.SyncBatchNorm``. Every rank must run the layer's forward and backward the
+    same number of times (a rank with ``N = 0`` still calls them).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.process_group = process_group
+        # Rank of the last input seen: lets revert_sync_batchnorm pick BatchNorm1d/2d/3d.
+        self._last_input_dim: int | None = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _checks.check_tensor(input)
+        _checks.check_min_dim(input, 2, "[N, C, *]")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with num_features={self.num_features} channels at dim 1, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.training and D.is_sync_possible(self.process_group)):
+            # BatchNormBase.forward checks the input (with our >= 2D rule) and does the rest.
+            output = super().forward(input)
+            self._last_input_dim = input.dim()
+            return output
+        self._check_input_dim(input)
+        self._last_input_dim = input.dim()
+        factor = self._average_factor()
+        track = self.track_running_stats
+        return D.sync_batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            factor,
+            self.eps,
+            self.process_group,
+        )
+
+
+# --- conversions ------------------------------------------------------------------------
+
+Converter = Callable[[nn.Module, Any], nn.Module]
+
+# type -> converter (or None: leave such layers alone). Looked up along the module's MRO,
+# so a subclass can opt out or convert differently: normlab's fused norm+act layers and
+# BatchNorm variants (ghost, renorm, frozen) register themselves here when they land,
+# e.g. ``register_sync_conversion(BatchNormAct2d, to_sync=..., to_plain=...)``.
+_TO_SYNC: dict[type, Converter | None] = {}
+_TO_PLAIN: dict[type, Callable[[nn.Module, int | None], nn.Module] | None] = {}
+
+
+def register_sync_conversion(
+    cls: type,
+    to_sync: Converter | None,
+    to_plain: Callable[[nn.Module, int | None], nn.Module] | None = None,
+) -> None:
+    """Teach ``convert_sync_batchnorm`` (``to_sync(module, process_group)``) and
+    ``revert_sync_batchnorm`` (``to_plain(module, dims)``) about layers of type ``cls``
+    and its subclasses; ``None`` means "leave them as they are"."""
+    _TO_SYNC[cls] = to_sync
+    if to_plain is not None or cls in _TO_PLAIN:
+        _TO_PLAIN[cls] = to_plain
+
+
+def _lookup(table: dict[type, Any], module: nn.Module) -> tuple[bool, Any]:
+    for klass in type(module).__mro__:
+        if klass in table:
+            return True, table[klass]
+    return False, None
+
+
+def _move_state(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` the very parameter and buffer objects of ``source`` (so optimizers and
+    references keep working), its ``training`` flag and ``requires_grad``."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(source, name, None) is not None:
+                setattr(target, name, getattr(source, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(source, name, None) is not None:
+                setattr(target, name, getattr(source, name))
+    target.train(source.training)
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
+    return target
+
+
+def _bn_kwargs(module: nn.Module) -> dict[str, Any]:
+    if isinstance(module.weight, nn.parameter.UninitializedParameter) or isinstance(
+        module.running_mean, nn.parameter.UninitializedBuffer
+    ):
+        raise ValueError(
+            f"cannot convert an uninitialized lazy layer {type(module).__name__}: run one "
+            "forward pass first so that num_features is known"
+        )
+    # Allocate on the module's device/dtype; the tensors are replaced by the originals anyway.
+    like = module.weight if module.weight is not None else module.running_mean
+    return {
+        "num_features": module.num_features,
+        "eps": module.eps,
+        "momentum": module.momentum,
+        "affine": module.affine,
+        "track_running_stats": module.track_running_stats,
+        "device": None if like is None else like.device,
+        "dtype": None if like is None else like.dtype,
+        "bias": module.bias is not None,
+    }
+
+
+_PLAIN_CLASSES: tuple[type, ...] = (
+    BatchNorm1d, BatchNorm2d, BatchNorm3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+)
+
+
+def _bn_to_sync(module: nn.Module, process_group: Any) -> nn.Module:
+    sync = _move_state(module, SyncBatchNorm(**_bn_kwargs(module), process_group=process_group))
+    # Remember a plain class we can rebuild, so a revert round-trips to it exactly.
+    if type(module) in _PLAIN_CLASSES:
+        sync._source_class = type(module)
+    return sync
+
+
+_DIMS_TO_CLASS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_INPUT_RANK_TO_DIMS = {2: 1, 3: 1, 4: 2, 5: 3}
+
+
+def _sync_to_plain(module: nn.Module, dims: int | None) -> nn.Module:
+    if dims is not None:
+        cls: type = _DIMS_TO_CLASS[dims]
+    elif getattr(module, "_source_class", None) is not None:
+        cls = module._source_class
+    else:
+        seen = getattr(module, "_last_input_dim", None)
+        cls = _DIMS_TO_CLASS[_INPUT_RANK_TO_DIMS.get(seen, 2)]
+    return _move_state(module, cls(**_bn_kwargs(module)))
+
+
+register_sync_conversion(nn.modules.batchnorm._BatchNorm, _bn_to_sync)  # incl. torch SyncBN
+register_sync_conversion(BatchNormBase, _bn_to_sync)
+register_sync_conversion(SyncBatchNorm, None, _sync_to_plain)  # already synchronized
+register_sync_conversion(nn.SyncBatchNorm, _bn_to_sync, _sync_to_plain)
+
+
+def _convert(module: nn.Module, table: dict[type, Any], arg: Any) -> nn.Module:
+    found, converter = _lookup(table, module)
+    if found and converter is not None:
+        return converter(module, arg)
+    for name, child in module.named_children():
+        new_child = _convert(child, table, arg)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every BatchNorm layer in ``module`` (``torch.nn.BatchNorm1d/2d/3d``,
+    ``torch.nn.SyncBatchNorm``, ``normlab.BatchNorm1d/2d/3d``) by ``normlab.SyncBatchNorm``
+    over ``process_group`` (default: WORLD), keeping the parameter and buffer objects,
+    ``training`` and ``requires_grad``.
+
+    Modifies ``module`` in place and returns it; if ``module`` is itself a BatchNorm
+    layer, returns the new layer. Call it before wrapping the model in
+    ``DistributedDataParallel`` and before creating the optimizer.
+    """
+    return _convert(module, _TO_SYNC, process_group)
+
+
+def revert_sync_batchnorm(module: nn.Module, dims: int | None = None) -> nn.Module:
+    """Replace every ``normlab.SyncBatchNorm`` (and ``torch.nn.SyncBatchNorm``) in ``module``
+    by a plain BatchNorm layer with the same parameters, buffers and flags.
+
+    The class is ``normlab.BatchNorm{dims}d`` when ``dims`` (1, 2 or 3) is given;
+    otherwise the class the layer was converted from (round trip), else the one matching
+    the rank of the last input the layer saw (2D/3D -> 1d, 4D -> 2d, 5D -> 3d), else
+    ``BatchNorm2d``. In place; returns ``module`` (or the new layer).
+    """
+    if dims is not None and dims not in _DIMS_TO_CLASS:
+        raise ValueError(f"dims must be 1, 2, 3 or None, got {dims!r}")
+    return _convert(module, _TO_PLAIN, dims)
