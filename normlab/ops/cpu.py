@@ -1,0 +1,700 @@
+"""Fast CPU backend: fused, parallel numba kernels registered as ``torch.library`` ops.
+
+Same contract as ``normlab.ops.torch_ops`` (read it first): ``normalize``,
+``normalize_with_stats``, ``moments``, ``backward_reduce``, ``backward_apply`` on the
+canonical view ``x4 = [N, G, K, S]``, and ``supports(x)``.
+
+How it runs:
+
+- Kernels (``normlab.ops._kernels``) work on two 2-D layouts: *rows* (``[N*G, K*S]``,
+  contiguous input: per-sample norms and NCHW BatchNorm) and *cols* (``[N*S, C]``:
+  channels-last BatchNorm, or ``S == 1``). Any other strides are copied to contiguous.
+- float32/float64 run natively; float16/bfloat16 are converted to float32 (the compute
+  dtype), statistics are returned in it and the output converted back.
+- The ops ``normlab::normalize``, ``normlab::normalize_with_stats``,
+  ``normlab::normalize_backward``, ``normlab::moments``, ``normlab::backward_reduce`` and
+  ``normlab::backward_apply`` have fake (meta) kernels and autograd formulas, so
+  ``torch.compile(fullgraph=True)`` sees single ops. In eager mode the public functions
+  call the same implementations through a ``torch.autograd.Function`` (the custom-op
+  dispatcher costs tens of microseconds a call, which small tensors notice).
+- Double backward (a backward run with ``create_graph=True``) is computed with the
+  composite torch code, which autograd can differentiate again.
+- numba's threads follow ``torch.get_num_threads()`` (set before each call when they
+  differ), and compiled kernels are cached on disk under ``$NUMBA_CACHE_DIR`` or, if it is
+  unset, ``$XDG_CACHE_HOME/normlab/numba`` (``~/.cache/normlab/numba``), so a read-only
+  install still caches and a second process does not compile again.
+- Per-channel statistics need ``K == 1`` (every BatchNorm); other per-channel views are
+  delegated to the composite backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def cache_dir() -> str:
+    """Where the compiled kernels are cached: ``$NUMBA_CACHE_DIR`` if set, else a user dir."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "normlab", "numba")
+
+
+# numba reads NUMBA_CACHE_DIR when it is first imported: set it before that, so that the
+# cache never has to live next to the (possibly read-only) installed sources.
+_CACHE_DIR = cache_dir()
+os.environ.setdefault("NUMBA_CACHE_DIR", _CACHE_DIR)
+
+import numba  # noqa: E402  (after the cache directory is configured)
+import numpy as np  # noqa: E402
+
+if not numba.config.CACHE_DIR:  # numba was imported before us: configure it directly
+    numba.config.CACHE_DIR = _CACHE_DIR
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from normlab.ops import _kernels as K  # noqa: E402
+from normlab.ops import torch_ops  # noqa: E402
+from normlab.ops.torch_ops import compute_dtype  # noqa: E402
+
+NAME = "cpu"
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_MAX_THREADS = numba.config.NUMBA_NUM_THREADS
+# Elements per piece of the cols layout: small enough that the second pass over a piece
+# hits the (512 KiB) L2 cache, large enough that the per-piece partials stay small.
+_PIECE_ELEMENTS = 16384
+_ROW_PIECES = 32
+# Below this many elements a kernel runs on the calling thread only.
+SERIAL_BELOW = 32768
+
+
+def supports(x: Tensor) -> bool:
+    """True for strided CPU tensors of a floating dtype the kernels handle."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and x.layout == torch.strided
+
+
+def sync_threads(elements: int | None = None) -> int:
+    """Set numba's thread count to torch's (capped by numba's pool size), or to 1 for
+    inputs of fewer than ``SERIAL_BELOW`` elements, where waking a second thread costs
+    more than it saves; returns the count."""
+    want = max(1, min(torch.get_num_threads(), _MAX_THREADS))
+    if elements is not None and elements < SERIAL_BELOW:
+        want = 1
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+    return want
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts: turning [N, G, K, S] tensors into the kernels' C-contiguous 2-D arrays.
+
+
+def _is_cols(x4: Tensor) -> bool:
+    """Whether ``x4`` is laid out as ``[N, S, G, K]`` (channels-last, or any ``S == 1``)."""
+    return x4.shape[2] == 1 and x4.permute(0, 3, 1, 2).is_contiguous()
+
+
+def _source(t4: Tensor, dtype: torch.dtype, cols: bool) -> Tensor:
+    """``t4 [N, G, K, S]`` as a C-contiguous 2-D tensor of ``dtype`` in the given layout
+    (a view when the strides already fit, a copy otherwise)."""
+    n, g, k, s = t4.shape
+    t4 = t4.detach().to(dtype)
+    if cols:
+        return t4.permute(0, 3, 1, 2).contiguous().view(n * s, g * k)
+    return t4.contiguous().view(n * g, k * s)
+
+
+class _Target:
+    """The 2-D buffer a kernel writes, aliasing ``out4`` when its layout and dtype allow
+    it, a scratch tensor copied back by ``finish()`` otherwise."""
+
+    def __init__(self, out4: Tensor, dtype: torch.dtype, cols: bool) -> None:
+        n, g, k, s = out4.shape
+        self.out4, self.cols = out4, cols
+        view = out4.permute(0, 3, 1, 2) if cols else out4
+        shape = (n * s, g * k) if cols else (n * g, k * s)
+        self.direct = out4.dtype == dtype and view.is_contiguous()
+        self.buf = view.view(shape) if self.direct else torch.empty(shape, dtype=dtype)
+
+    def finish(self) -> Tensor:
+        if not self.direct:
+            n, g, k, s = self.out4.shape
+            if self.cols:
+                self.out4.permute(0, 3, 1, 2).copy_(self.buf.view(n, s, g, k))
+            else:
+                self.out4.copy_(self.buf.view(n, g, k, s))
+        return self.out4
+
+
+def _vector(param: Tensor | None, size: int, dtype: torch.dtype, fill: float) -> Tensor:
+    """An affine parameter as a contiguous ``[size]`` tensor (``fill`` when absent)."""
+    if param is None:
+        return torch.full((size,), fill, dtype=dtype)
+    return param.detach().to(dtype).contiguous().view(size)
+
+
+def _np(t: Tensor):  # noqa: ANN202  (numpy array)
+    return t.detach().numpy()
+
+
+def _pieces(rows: int, row_elements: int) -> int:
+    """Fixed (shape-only, thread-independent) number of pieces of the cols layout."""
+    wanted = -(-rows * row_elements // _PIECE_ELEMENTS)
+    return max(1, min(rows, max(wanted, 8)))
+
+
+def _channel_scratch(x2: Tensor, cols: bool, per_piece: int, per_plane: int):  # noqa: ANN202
+    """Float64 scratch of the channel kernels: ``[pieces, per_piece, C]`` (cols layout)
+    or ``[per_plane, N*C]`` (rows layout)."""
+    rows, cols_ = x2.shape
+    if cols:
+        return np.empty((_pieces(rows, cols_), per_piece, cols_))
+    return np.empty((per_plane, rows))
+
+
+def _check_per_channel(x4: Tensor, per_sample: bool) -> None:
+    if not per_sample and x4.shape[2] != 1:
+        raise ValueError(
+            f"per-channel statistics need x4 [N, G, 1, S], got x4 of shape {tuple(x4.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Implementations (plain tensors in, tensors out; no autograd).
+
+
+def _forward_impl(
+    x4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    per_sample: bool,
+    center: bool,
+    eps: float,
+    write: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Statistics ``(mean, var, rstd)`` of ``x4`` and (if ``write``) ``y4``, empty-like x4."""
+    _check_per_channel(x4, per_sample)
+    n, g, k, s = x4.shape
+    work = compute_dtype(x4.dtype)
+    shape = (n, g) if per_sample else (g,)
+    y4 = torch.empty_like(x4) if write else x4.new_empty((0,))
+    mean, var, rstd = (torch.empty(shape, dtype=work) for _ in range(3))
+    if x4.numel() == 0:
+        # No elements to average: statistics are undefined (NaN), the output is empty.
+        for stat in (mean, var, rstd):
+            stat.fill_(float("nan"))
+        return y4, mean, var, rstd
+    sync_threads(x4.numel())
+    w = _vector(weight, g * k, work, 1.0)
+    b = _vector(bias, g * k, work, 0.0)
+    cols = not per_sample and _is_cols(x4)
+    x2 = _source(x4, work, cols)
+    out = _Target(y4, work, cols) if write else None
+    y2 = _np(out.buf) if out is not None else _np(x2)  # not written when write=False
+    stats = (_np(mean.view(-1)), _np(var.view(-1)), _np(rstd.view(-1)))
+    if per_sample:
+        K.rows_forward(_np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write)
+    else:
+        kernel = K.channel_cols_forward if cols else K.channel_rows_forward
+        scratch = _channel_scratch(x2, cols, 5, 2)
+        kernel(_np(x2), _np(w), _np(b), True, write, center, eps, y2, *stats, scratch)
+    if out is not None:
+        out.finish()
+    return y4, mean, var, rstd
+
+
+def _backward_impl(
+    dy4: Tensor,
+    x4: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    per_sample: bool,
+    center: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx4, dweight, dbias)`` of the train-mode normalization; dweight/dbias are
+    ``[G*K]`` sums in the compute dtype (returned even without weight/bias)."""
+    _check_per_channel(x4, per_sample)
+    n, g, k, s = x4.shape
+    work = compute_dtype(x4.dtype)
+    dx4 = torch.empty_like(x4)
+    dw = torch.zeros(g * k, dtype=work)
+    db = torch.zeros(g * k, dtype=work)
+    if x4.numel() == 0:
+        return dx4, dw, db
+    sync_threads(x4.numel())
+    w = _vector(weight, g * k, work, 1.0)
+    mean_c = mean.detach().to(work).contiguous().view(-1)
+    rstd_c = rstd.detach().to(work).contiguous().view(-1)
+    cols = not per_sample and _is_cols(x4)
+    x2 = _source(x4, work, cols)
+    dy2 = _source(dy4, work, cols)
+    out = _Target(dx4, work, cols)
+    args = (_np(dy2), _np(x2), _np(mean_c), _np(rstd_c), _np(w))
+    if per_sample:
+        partials = np.zeros((2, min(n * g, _ROW_PIECES), g * k))
+        K.rows_backward(*args, g, center, *partials, _np(out.buf), _np(dw), _np(db))
+    else:
+        kernel = K.channel_cols_backward if cols else K.channel_rows_backward
+        scratch = _channel_scratch(x2, cols, 2, 2)
+        if center:
+            kernel(*args, True, True, n * s, _np(db), _np(dw), _np(out.buf), scratch)
+        else:
+            # Without centering, dx has no sum(dy) term: reduce, then apply with it zeroed.
+            kernel(*args, True, False, n * s, _np(db), _np(dw), _np(out.buf), scratch)
+            zero = np.zeros(g, dtype=_np(dw).dtype)
+            kernel(*args, False, True, n * s, zero, _np(dw), _np(out.buf), scratch)
+    out.finish()
+    return dx4, dw, db
+
+
+def _apply_impl(
+    x4: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eval mode: ``(x4 - mean) * rsqrt(var + eps) * weight + bias`` with stats ``[G]``
+    (``K > 1``, which no layer uses, is delegated to the composite code)."""
+    n, g, k, s = x4.shape
+    work = compute_dtype(x4.dtype)
+    y4 = torch.empty_like(x4)
+    if x4.numel() == 0:
+        return y4
+    if k != 1:
+        return torch_ops.normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
+    sync_threads(x4.numel())
+    rstd = torch.rsqrt(var.detach().to(work) + eps).contiguous()
+    mean_c = mean.detach().to(work).contiguous()
+    w = _vector(weight, g, work, 1.0)
+    b = _vector(bias, g, work, 0.0)
+    cols = _is_cols(x4)
+    x2 = _source(x4, work, cols)
+    out = _Target(y4, work, cols)
+    kernel = K.channel_cols_forward if cols else K.channel_rows_forward
+    scratch = _channel_scratch(x2, cols, 1, 1)
+    stats = (_np(mean_c), _np(rstd), _np(rstd))  # (mean, var, rstd): var is not read
+    kernel(_np(x2), _np(w), _np(b), False, True, True, eps, _np(out.buf), *stats, scratch)
+    return out.finish()
+
+
+def _channel_backward_impl(
+    dy4: Tensor,
+    x4: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    sums: tuple[Tensor, Tensor] | None,
+    count: int,
+    apply: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(sum_dy, sum_dy_xhat, dx4)``: the sums are computed unless given in
+    ``sums``; ``dx4`` is written when ``apply`` (else it is an empty tensor)."""
+    _check_per_channel(x4, False)
+    n, g, k, s = x4.shape
+    work = compute_dtype(x4.dtype)
+    reduce = sums is None
+    if reduce:
+        sum_dy = torch.zeros(g, dtype=work)
+        sum_dyx = torch.zeros(g, dtype=work)
+    else:
+        sum_dy, sum_dyx = (t.detach().to(work).contiguous() for t in sums)
+    dx4 = torch.empty_like(x4) if apply else x4.new_empty((0,))
+    if x4.numel() == 0:
+        return sum_dy, sum_dyx, dx4
+    sync_threads(x4.numel())
+    cols = _is_cols(x4)
+    x2 = _source(x4, work, cols)
+    dy2 = _source(dy4, work, cols)
+    out = _Target(dx4, work, cols) if apply else None
+    dx2 = _np(out.buf) if out is not None else _np(x2)
+    args = (
+        _np(dy2), _np(x2), _np(mean.detach().to(work).contiguous()),
+        _np(rstd.detach().to(work).contiguous()), _np(_vector(weight, g, work, 1.0)),
+    )
+    kernel = K.channel_cols_backward if cols else K.channel_rows_backward
+    scratch = _channel_scratch(x2, cols, 2, 2)
+    kernel(*args, reduce, apply, count, _np(sum_dy), _np(sum_dyx), dx2, scratch)
+    if out is not None:
+        out.finish()
+    return sum_dy, sum_dyx, dx4
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration: what torch.compile and torch.export see.
+
+
+def _stat_like(x4: Tensor, per_sample: bool) -> Tensor:
+    shape = (x4.shape[0], x4.shape[1]) if per_sample else (x4.shape[1],)
+    return x4.new_empty(shape, dtype=compute_dtype(x4.dtype))
+
+
+@torch.library.custom_op("normlab::normalize", mutates_args=(), device_types="cpu")
+def _normalize_op(
+    x4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    per_sample: bool,
+    center: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Train-mode normalization: ``(y4, mean, var, rstd)``."""
+    return _forward_impl(x4, weight, bias, per_sample, center, eps, True)
+
+
+@_normalize_op.register_fake
+def _(x4, weight, bias, per_sample, center, eps):  # noqa: ANN001, ANN202
+    _check_per_channel(x4, per_sample)
+    stat = _stat_like(x4, per_sample)
+    return torch.empty_like(x4), stat, torch.empty_like(stat), torch.empty_like(stat)
+
+
+@torch.library.custom_op("normlab::normalize_backward", mutates_args=(), device_types="cpu")
+def _normalize_backward_op(
+    dy4: Tensor,
+    x4: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    per_sample: bool,
+    center: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx4, dweight, dbias)`` of ``normlab::normalize`` (parameter grads ``[G*K]``)."""
+    return _backward_impl(dy4, x4, mean, rstd, weight, per_sample, center)
+
+
+@_normalize_backward_op.register_fake
+def _(dy4, x4, mean, rstd, weight, per_sample, center):  # noqa: ANN001, ANN202
+    _check_per_channel(x4, per_sample)
+    features = x4.shape[1] * x4.shape[2]
+    grad = x4.new_empty((features,), dtype=compute_dtype(x4.dtype))
+    return torch.empty_like(x4), grad, torch.empty_like(grad)
+
+
+@torch.library.custom_op("normlab::normalize_with_stats", mutates_args=(), device_types="cpu")
+def _normalize_with_stats_op(
+    x4: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eval-mode normalization with given statistics ``[G]``."""
+    return _apply_impl(x4, mean, var, weight, bias, eps)
+
+
+@_normalize_with_stats_op.register_fake
+def _(x4, mean, var, weight, bias, eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x4)
+
+
+@torch.library.custom_op("normlab::moments", mutates_args=(), device_types="cpu")
+def _moments_op(x4: Tensor, per_sample: bool, center: bool) -> tuple[Tensor, Tensor]:
+    """Biased ``(mean, var)``, ``[G]`` or ``[N, G]``."""
+    _, mean, var, _ = _forward_impl(x4, None, None, per_sample, center, 0.0, False)
+    return mean, var
+
+
+@_moments_op.register_fake
+def _(x4, per_sample, center):  # noqa: ANN001, ANN202
+    _check_per_channel(x4, per_sample)
+    stat = _stat_like(x4, per_sample)
+    return stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("normlab::backward_reduce", mutates_args=(), device_types="cpu")
+def _backward_reduce_op(
+    dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(sum dy, sum dy * xhat)`` ``[G]``."""
+    sum_dy, sum_dyx, _ = _channel_backward_impl(dy4, x4, mean, rstd, None, None, 1, False)
+    return sum_dy, sum_dyx
+
+
+@_backward_reduce_op.register_fake
+def _(dy4, x4, mean, rstd):  # noqa: ANN001, ANN202
+    _check_per_channel(x4, False)
+    stat = _stat_like(x4, False)
+    return stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("normlab::backward_apply", mutates_args=(), device_types="cpu")
+def _backward_apply_op(
+    dy4: Tensor,
+    x4: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+) -> Tensor:
+    """BatchNorm input gradient from per-channel sums over ``count`` elements."""
+    _, _, dx4 = _channel_backward_impl(
+        dy4, x4, mean, rstd, weight, (sum_dy, sum_dy_xhat), count, True
+    )
+    return dx4
+
+
+@_backward_apply_op.register_fake
+def _(dy4, x4, mean, rstd, weight, sum_dy, sum_dy_xhat, count):  # noqa: ANN001, ANN202
+    _check_per_channel(x4, False)
+    return torch.empty_like(x4)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd: one formula each, used by the registered ops (torch.compile) and by the eager
+# fast path (torch.autograd.Function calling the implementations directly).
+
+
+def _composite_grads(
+    grad: Tensor,
+    inputs: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...],
+    forward: Callable[..., Tensor],
+) -> tuple[Tensor | None, ...]:
+    """Gradients by differentiating the composite torch code, with ``create_graph`` so
+    they can be differentiated again (double backward)."""
+    pairs = list(zip(inputs, needs, strict=True))
+    wanted = [t for t, need in pairs if need and t is not None]
+    with torch.enable_grad():
+        out = forward(*inputs)
+    got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need and t is not None else None for t, need in pairs)
+
+
+def _as_param_grad(grad: Tensor, param: Tensor | None, needed: bool) -> Tensor | None:
+    if param is None or not needed:
+        return None
+    return grad.to(param.dtype).view(param.shape)
+
+
+def _train_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x4, weight, bias, per_sample, center, eps = inputs
+    mean, var, rstd = output[1:4]
+    ctx.save_for_backward(x4, weight, bias, mean, rstd)
+    ctx.per_sample, ctx.center, ctx.eps = per_sample, center, eps
+    ctx.mark_non_differentiable(mean, var, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _train_grads(ctx: Any, grad_y: Tensor | None, kernel: Callable) -> tuple:
+    """``(dx, dweight, dbias)`` of a train-mode normalization, by ``kernel`` (the backward
+    op or its implementation) or, under ``create_graph``, by the composite code."""
+    x4, weight, bias, mean, rstd = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    if grad_y is None:
+        return None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the grads must be differentiable
+
+        def forward(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+            return torch_ops.normalize(
+                x, w, b, per_sample=ctx.per_sample, center=ctx.center, eps=ctx.eps
+            )[0]
+
+        return _composite_grads(grad_y, (x4, weight, bias), needs, forward)
+    dx, dw, db = kernel(grad_y, x4, mean, rstd, weight, ctx.per_sample, ctx.center)
+    return (
+        dx if needs[0] else None,
+        _as_param_grad(dw, weight, needs[1]),
+        _as_param_grad(db, bias, needs[2]),
+    )
+
+
+def _with_stats_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x4, mean, var, weight, bias, eps = inputs
+    ctx.save_for_backward(x4, mean, var, weight, bias)
+    ctx.eps = eps
+    ctx.set_materialize_grads(False)
+
+
+def _with_stats_grads(ctx: Any, grad_y: Tensor | None, apply: Callable, reduce: Callable) -> tuple:
+    """``(dx, dmean, dvar, dweight, dbias)`` of the eval-mode normalization: ``dx`` by
+    ``apply`` (the eval kernel on ``dy`` with a zero mean gives ``dy * rstd * w``), the
+    parameter grads by the per-channel ``reduce``; composite code for double backward
+    and for gradients of the statistics themselves."""
+    x4, mean, var, weight, bias = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:5])
+    if grad_y is None:
+        return None, None, None, None, None
+    if torch.is_grad_enabled() or needs[1] or needs[2] or x4.shape[2] != 1:
+
+        def forward(*args: Tensor | None) -> Tensor:
+            return torch_ops.normalize_with_stats(*args, eps=ctx.eps)
+
+        return _composite_grads(grad_y, (x4, mean, var, weight, bias), needs, forward)
+    dx = dw = db = None
+    if needs[0]:
+        dx = apply(grad_y, torch.zeros_like(mean), var, weight, None, ctx.eps)
+    if needs[3] or needs[4]:
+        rstd = torch.rsqrt(var.to(compute_dtype(x4.dtype)) + ctx.eps)
+        sum_dy, sum_dyx = reduce(grad_y, x4, mean, rstd)
+        dw = _as_param_grad(sum_dyx, weight, needs[3])
+        db = _as_param_grad(sum_dy, bias, needs[4])
+    return dx, None, None, dw, db
+
+
+def _reduce_impl(dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    sum_dy, sum_dyx, _ = _channel_backward_impl(dy4, x4, mean, rstd, None, None, 1, False)
+    return sum_dy, sum_dyx
+
+
+def _normalize_op_backward(ctx: Any, grad_y: Tensor | None, *_: Tensor | None) -> tuple:
+    return (*_train_grads(ctx, grad_y, torch.ops.normlab.normalize_backward), None, None, None)
+
+
+def _with_stats_op_backward(ctx: Any, grad_y: Tensor | None) -> tuple:
+    ops = torch.ops.normlab
+    return (*_with_stats_grads(ctx, grad_y, ops.normalize_with_stats, ops.backward_reduce), None)
+
+
+torch.library.register_autograd(
+    "normlab::normalize", _normalize_op_backward, setup_context=_train_setup
+)
+torch.library.register_autograd(
+    "normlab::normalize_with_stats", _with_stats_op_backward, setup_context=_with_stats_setup
+)
+
+
+class _NormalizeFunction(torch.autograd.Function):
+    """Eager twin of ``normlab::normalize`` without the custom-op dispatch cost."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        output = _forward_impl(*inputs, True)
+        _train_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor | None, *_: Tensor | None) -> tuple:
+        return (*_train_grads(ctx, grad_y, _backward_impl), None, None, None)
+
+
+class _WithStatsFunction(torch.autograd.Function):
+    """Eager twin of ``normlab::normalize_with_stats``."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        output = _apply_impl(*inputs)
+        _with_stats_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor | None) -> tuple:
+        return (*_with_stats_grads(ctx, grad_y, _apply_impl, _reduce_impl), None)
+
+
+def _eager(x4: Tensor) -> bool:
+    """Whether to call the implementations directly rather than through the registered
+    op: plain eager tensors, no torch.compile/export tracing, no dispatch mode active."""
+    return (
+        type(x4) is Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _composite_only(x4: Tensor) -> bool:
+    """functorch transforms (vmap, grad) know the composite code, not the kernels."""
+    return torch._C._are_functorch_transforms_active()
+
+
+# ---------------------------------------------------------------------------------------
+# The backend contract (see normlab.ops.torch_ops).
+
+
+def normalize(
+    x4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    per_sample: bool,
+    center: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Train-mode normalization of ``x4 [N, G, K, S]``: ``(y4, mean, var)``, as
+    ``torch_ops.normalize`` (statistics ``[G]`` or ``[N, G]`` in the compute dtype)."""
+    if (not per_sample and x4.shape[2] != 1) or _composite_only(x4):
+        return torch_ops.normalize(
+            x4, weight, bias, per_sample=per_sample, center=center, eps=eps
+        )
+    args = (x4, weight, bias, per_sample, center, eps)
+    if not _eager(x4):
+        y4, mean, var, _ = torch.ops.normlab.normalize(*args)
+    elif _needs_grad(x4, weight, bias):
+        y4, mean, var, _ = _NormalizeFunction.apply(*args)
+    else:
+        y4, mean, var, _ = _forward_impl(*args, True)
+    return y4, mean, var
+
+
+def normalize_with_stats(
+    x4: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    eps: float,
+) -> Tensor:
+    """Eval-mode normalization of ``x4 [N, G, K, S]`` with statistics ``[G]``."""
+    if _composite_only(x4):
+        return torch_ops.normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
+    args = (x4, mean, var, weight, bias, eps)
+    if not _eager(x4):
+        return torch.ops.normlab.normalize_with_stats(*args)
+    if _needs_grad(x4, mean, var, weight, bias):
+        return _WithStatsFunction.apply(*args)
+    return _apply_impl(*args)
+
+
+def moments(x4: Tensor, *, per_sample: bool, center: bool) -> tuple[Tensor, Tensor]:
+    """Biased ``(mean, var)`` of ``x4 [N, G, K, S]``, ``[G]`` or ``[N, G]`` (not
+    differentiable: SyncBatchNorm wraps these pieces in its own autograd function)."""
+    if (not per_sample and x4.shape[2] != 1) or _composite_only(x4):
+        return torch_ops.moments(x4, per_sample=per_sample, center=center)
+    if not _eager(x4):
+        return torch.ops.normlab.moments(x4, per_sample, center)
+    _, mean, var, _ = _forward_impl(x4, None, None, per_sample, center, 0.0, False)
+    return mean, var
+
+
+def backward_reduce(
+    dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(sum dy, sum dy * xhat)`` over ``(N, K, S)``, ``[G]``."""
+    if x4.shape[2] != 1 or _composite_only(x4):
+        return torch_ops.backward_reduce(dy4, x4, mean, rstd)
+    if not _eager(x4):
+        return torch.ops.normlab.backward_reduce(dy4, x4, mean, rstd)
+    return _reduce_impl(dy4, x4, mean, rstd)
+
+
+def backward_apply(
+    dy4: Tensor,
+    x4: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+) -> Tensor:
+    """BatchNorm ``dx = w * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``."""
+    args = (dy4, x4, mean, rstd, weight, sum_dy, sum_dy_xhat, count)
+    if x4.shape[2] != 1 or _composite_only(x4):
+        return torch_ops.backward_apply(*args)
+    if not _eager(x4):
+        return torch.ops.normlab.backward_apply(*args)
+    sums = (sum_dy, sum_dy_xhat)
+    return _channel_backward_impl(dy4, x4, mean, rstd, weight, sums, count, True)[2]
