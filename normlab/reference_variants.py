@@ -18,7 +18,6 @@ from normlab import reference as ref
 __all__ = [
     "batch_renorm_forward",
     "batch_renorm_backward",
-    "renorm_limits",
     "ghost_batch_norm_forward",
     "ghost_batch_norm_backward",
     "ghost_update_running_stats",
@@ -126,30 +125,6 @@ def batch_renorm_backward(
     dx = ref.normalize_backward(dxhat, xhat, rstd.reshape(shape), axes)
     dweight = (dy * (xhat * r.reshape(shape) + d.reshape(shape))).sum(axis=axes)
     return dx, dweight, dy.sum(axis=axes)
-
-
-def renorm_limits(
-    step: int,
-    *,
-    warmup_steps: int = 5000,
-    rmax_steps: int = 40000,
-    dmax_steps: int = 25000,
-    rmax: float = 3.0,
-    dmax: float = 5.0,
-) -> tuple[float, float]:
-    """The paper's schedule of ``(rmax, dmax)`` at training ``step``.
-
-    ``(1, 0)`` (plain BatchNorm) for the first ``warmup_steps``, then linear up to ``rmax``
-    at ``rmax_steps`` and to ``dmax`` at ``dmax_steps``, constant after.
-    """
-    def ramp(lo: float, hi: float, end: int) -> float:
-        if step <= warmup_steps:
-            return lo
-        if step >= end:
-            return hi
-        return lo + (hi - lo) * (step - warmup_steps) / (end - warmup_steps)
-
-    return ramp(1.0, rmax, rmax_steps), ramp(0.0, dmax, dmax_steps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,7 +56,12 @@ def check_activation(act: str, slope: float = 0.01) -> tuple[str, float]:
 
 
 def activation(x: Tensor, act: str, slope: float = 0.01) -> Tensor:
-    """``act(x)`` with torch's definitions (gelu is the exact, erf-based one)."""
+    """``act(x)`` with torch's definitions (gelu is the exact, erf-based one).
+
+    ``act`` is one of :data:`ACTIVATIONS` or ``"elu"`` (for InPlaceABN; there ``slope`` is
+    elu's ``alpha``), ``slope`` is leaky_relu's negative slope."""
+    if act == "elu":
+        return TF.elu(x, slope)
     if act == "relu":
         return torch.relu(x)
     if act == "leaky_relu":

@@ -1,0 +1,157 @@
+"""Norm + activation layers: ``act(norm(x))`` in one layer (timm's convention).
+
+Each subclasses the plain normlab layer, so parameters, buffers and state_dict keys are the
+plain layer's: a ``BatchNorm2d`` checkpoint loads into ``BatchNormAct2d`` and back. ``act``
+is one of ``relu``, ``leaky_relu`` (with ``slope``), ``silu``, ``gelu`` (exact), ``identity``.
+
+``BatchNormAct*d`` in training on a contiguous float32/float64 CPU tensor with the ``auto``
+or ``cpu`` backend runs the fused kernels of :mod:`normlab.ops.fused_act` (one pass forward,
+two per channel backward, only the input saved); elsewhere, and for ``GroupNormAct`` /
+``LayerNormAct``, it is the norm on the selected backend followed by the activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+from normlab.nn.normalization import GroupNorm, LayerNorm
+from normlab.ops.fused_act import activation, batch_norm_act, check_activation
+
+__all__ = [
+    "BatchNormActBase",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "GroupNormAct",
+    "LayerNormAct",
+]
+
+
+class _ActMixin:
+    act: str
+    slope: float
+
+    def _set_act(self, act: str, slope: float) -> None:
+        self.act, self.slope = check_activation(act, slope)
+
+    def _act_repr(self) -> str:
+        return f", act={self.act!r}" + (f", slope={self.slope}" if self.act == "leaky_relu" else "")
+
+
+class BatchNormActBase(_ActMixin, BatchNormBase):
+    """``act(BatchNorm(input [N, C, *S]))``; keyword-only ``act`` and ``slope``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        act: str = "relu",
+        slope: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self._set_act(act, slope)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._act_repr()
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training or self._stats_frozen(input) or _one_value_per_channel(input):
+            return activation(super().forward(input), self.act, self.slope)
+        factor = self._average_factor()
+        track = self.track_running_stats
+        return batch_norm_act(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            True,
+            factor,
+            self.eps,
+            act=self.act,
+            slope=self.slope,
+        )
+
+
+class BatchNormAct1d(BatchNormActBase):
+    """BatchNorm1d + activation over ``[N, C]`` or ``[N, C, L]`` input."""
+
+    _allowed_dims = (2, 3)
+
+
+class BatchNormAct2d(BatchNormActBase):
+    """BatchNorm2d + activation over ``[N, C, H, W]`` input."""
+
+    _allowed_dims = (4,)
+
+
+class BatchNormAct3d(BatchNormActBase):
+    """BatchNorm3d + activation over ``[N, C, D, H, W]`` input."""
+
+    _allowed_dims = (5,)
+
+
+class GroupNormAct(_ActMixin, GroupNorm):
+    """``act(GroupNorm(input [N, C, *S]))``; torch's GroupNorm arguments plus ``act``/``slope``."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        act: str = "relu",
+        slope: float = 0.01,
+    ) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        self._set_act(act, slope)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._act_repr()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return activation(super().forward(input), self.act, self.slope)
+
+
+class LayerNormAct(_ActMixin, LayerNorm):
+    """``act(LayerNorm(input [*, *normalized_shape]))``; plus ``act``/``slope``."""
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        act: str = "relu",
+        slope: float = 0.01,
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self._set_act(act, slope)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._act_repr()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return activation(super().forward(input), self.act, self.slope)

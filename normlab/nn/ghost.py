@@ -1,0 +1,144 @@
+"""Ghost BatchNorm (Hoffer et al., 2017; tf.keras ``virtual_batch_size``).
+
+In training the batch is cut into consecutive virtual batches of ``virtual_batch_size``
+samples (the last one may be shorter), and each is normalized with its own statistics: the
+output is exactly ``torch.cat([bn(chunk) for chunk in input.split(virtual_batch_size)])``.
+``weight``/``bias`` and the running statistics are shared. How the running statistics
+follow the virtual batches is ``running_update``:
+
+- ``"mean"`` (default, tf.keras): **one** update per training step with the average over
+  the virtual batches of their means and of their unbiased variances; ``num_batches_tracked``
+  counts steps, so ``momentum`` means what it means for BatchNorm.
+- ``"sequential"``: one update per virtual batch, in order (``num_batches_tracked`` counts
+  virtual batches): buffers equal those of a plain BatchNorm applied chunk by chunk.
+
+tf.keras assigns samples to virtual batches with a stride (sample ``i`` to ``i % (N/V)``);
+consecutive chunks are the torch idiom and make no difference for shuffled data.
+Inference is plain BatchNorm with the running statistics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from normlab import _checks, ops
+from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+
+__all__ = ["GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "RUNNING_UPDATES"]
+
+RUNNING_UPDATES = ("mean", "sequential")
+
+
+@torch.no_grad()
+def _ema_(running: Tensor, value: Tensor, factor: float) -> None:
+    """``running = (1 - factor) * running + factor * value`` for the channels where ``value``
+    is finite (a NaN batch must not poison the buffers, as in ``functional``)."""
+    value = value.to(running.dtype)
+    new = running * (1 - factor) + value * factor
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        warnings.warn(
+            "normlab: a virtual batch had non-finite statistics; the running statistics kept "
+            "their previous values for the affected channels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        new = torch.where(finite, new, running)
+    running.copy_(new)
+
+
+class GhostBatchNormBase(BatchNormBase):
+    """Ghost BatchNorm over ``input [N, C, *S]`` with keyword-only ``virtual_batch_size``
+    (samples per virtual batch) and ``running_update`` (``"mean"`` or ``"sequential"``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        virtual_batch_size: int,
+        running_update: str = "mean",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self.virtual_batch_size = _checks.check_positive_int(
+            virtual_batch_size, "virtual_batch_size"
+        )
+        if running_update not in RUNNING_UPDATES:
+            raise ValueError(
+                f"running_update must be one of {RUNNING_UPDATES}, got {running_update!r}"
+            )
+        self.running_update = running_update
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}, "
+            f"running_update={self.running_update!r}"
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        vbs = self.virtual_batch_size
+        if (
+            not self.training
+            or input.shape[0] <= vbs
+            or self._stats_frozen(input)
+            or _one_value_per_channel(input)
+        ):
+            return super().forward(input)  # one virtual batch is plain BatchNorm
+        chunks = input.split(vbs)
+        if chunks[-1].numel() // input.shape[1] == 1:
+            raise ValueError(
+                f"the last virtual batch has 1 value per channel: input batch {input.shape[0]} "
+                f"with virtual_batch_size={vbs} leaves a single sample of shape "
+                f"{tuple(input.shape[1:])}; choose a virtual_batch_size that divides the batch"
+            )
+        kernels = ops.resolve(input)
+        outputs, means, variances, counts = [], [], [], []
+        for chunk in chunks:
+            x4 = chunk.reshape(chunk.shape[0], chunk.shape[1], 1, -1)
+            y4, mean, var = kernels.normalize(
+                x4, self.weight, self.bias, per_sample=False, center=True, eps=self.eps
+            )
+            outputs.append(y4.reshape(chunk.shape))
+            means.append(mean)
+            variances.append(var)
+            counts.append(chunk.numel() // chunk.shape[1])
+        if self.track_running_stats:
+            self._update(means, variances, counts)
+        return torch.cat(outputs, dim=0)
+
+    def _update(self, means: list[Tensor], variances: list[Tensor], counts: list[int]) -> None:
+        unbiased = [v * (n / (n - 1)) for v, n in zip(variances, counts, strict=True)]
+        if self.running_update == "sequential":
+            for mean, var in zip(means, unbiased, strict=True):
+                factor = self._average_factor()
+                _ema_(self.running_mean, mean, factor)
+                _ema_(self.running_var, var, factor)
+            return
+        factor = self._average_factor()
+        _ema_(self.running_mean, torch.stack(means).mean(0), factor)
+        _ema_(self.running_var, torch.stack(unbiased).mean(0), factor)
+
+
+class GhostBatchNorm1d(GhostBatchNormBase):
+    """Ghost BatchNorm over ``[N, C]`` or ``[N, C, L]`` input."""
+
+    _allowed_dims = (2, 3)
+
+
+class GhostBatchNorm2d(GhostBatchNormBase):
+    """Ghost BatchNorm over ``[N, C, H, W]`` input."""
+
+    _allowed_dims = (4,)

@@ -1,0 +1,184 @@
+"""In-place activated BatchNorm (Rota Bulo, Porzi & Kontschieder, CVPR 2018).
+
+``InPlaceABN`` computes ``z = act(BatchNorm(x))`` and keeps only ``z`` (written over ``x``'s
+storage when ``inplace``) plus two ``[C]`` vectors for the backward pass, which recovers
+what it needs by inverting the activation and the affine map:
+
+    y    = act^{-1}(z)                  leaky_relu: z / slope where z < 0;  elu: log1p(z / alpha)
+    xhat = (y - bias) / weight
+    dy   = dz * act'(y)                 from z alone: slope (leaky_relu), z + alpha (elu)
+    dx   = weight * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+
+Torch eager Conv-BN-act saves the conv output (for BN), the BN output (for the
+activation) and the activation output (for the next conv); here the one tensor the next
+conv saves anyway is enough. The activation must be invertible: ``leaky_relu`` needs
+``slope > 0``, ``elu`` needs ``alpha > 0``; ``weight`` must have no zero entry (``xhat``
+cannot be recovered from ``y`` there). The checkpoint is BatchNorm's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as TF
+
+from normlab import functional as F
+from normlab import ops
+from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+from normlab.ops.fused_act import activation as _activation
+
+__all__ = ["InPlaceABN", "ABN_ACTIVATIONS"]
+
+ABN_ACTIVATIONS = ("leaky_relu", "elu", "identity")
+
+
+def _check_abn_activation(name: str, param: float) -> tuple[str, float]:
+    if name not in ABN_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ABN_ACTIVATIONS}, got {name!r}")
+    if isinstance(param, bool) or not isinstance(param, (int, float)):
+        raise TypeError(f"activation_param must be a float, got {type(param).__name__}")
+    if name in ("leaky_relu", "elu") and not param > 0:
+        raise ValueError(
+            f"activation_param must be > 0 for {name} (the activation must be invertible to "
+            f"recompute its input in backward), got {param}"
+        )
+    return name, float(param)
+
+
+def _apply_(y: Tensor, name: str, param: float) -> Tensor:
+    """The activation, in place on ``y``."""
+    if name == "leaky_relu":
+        return TF.leaky_relu_(y, param)
+    if name == "elu":
+        return TF.elu_(y, param)
+    return y
+
+
+class _InPlaceABNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        name: str,
+        param: float,
+        inplace: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        x4 = x.reshape(n, c, 1, -1)
+        y4, mean, var = ops.resolve(x).normalize(
+            x4, weight, bias, per_sample=False, center=True, eps=eps
+        )
+        z4 = _apply_(y4, name, param)
+        if inplace:
+            x.copy_(z4.reshape(x.shape))
+            ctx.mark_dirty(x)
+            out = x
+        else:
+            out = z4.reshape(x.shape)
+        ctx.save_for_backward(out, weight, bias, var)
+        ctx.eps, ctx.name, ctx.param = eps, name, param
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dz: Tensor, _dmean: Tensor, _dvar: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        z, weight, bias, var = ctx.saved_tensors
+        work = var.dtype
+        n, c = z.shape[0], z.shape[1]
+        shape = (1, c, 1)
+        z3 = z.reshape(n, c, -1).to(work)
+        dz3 = dz.reshape(n, c, -1).to(work)
+        positive = z3 > 0
+        if ctx.name == "leaky_relu":
+            y3 = torch.where(positive, z3, z3 / ctx.param)
+            dy3 = torch.where(positive, dz3, dz3 * ctx.param)
+        elif ctx.name == "elu":
+            # z = alpha * (exp(y) - 1) < 0  =>  y = log1p(z / alpha), dz/dy = z + alpha
+            y3 = torch.where(positive, z3, torch.log1p(z3 / ctx.param))
+            dy3 = torch.where(positive, dz3, dz3 * (z3 + ctx.param))
+        else:
+            y3, dy3 = z3, dz3
+        w = torch.ones(c, dtype=work) if weight is None else weight.to(work)
+        b = torch.zeros(c, dtype=work) if bias is None else bias.to(work)
+        xhat = (y3 - b.reshape(shape)) / w.reshape(shape)
+        count = z3.shape[0] * z3.shape[2]
+        sum_dy = dy3.sum(dim=(0, 2))
+        sum_dy_xhat = (dy3 * xhat).sum(dim=(0, 2))
+        rstd = torch.rsqrt(var + ctx.eps)
+        dx = dy3 - (sum_dy / count).reshape(shape) - xhat * (sum_dy_xhat / count).reshape(shape)
+        dx = dx * (w * rstd).reshape(shape)
+        dweight = None if weight is None else sum_dy_xhat.to(weight.dtype)
+        dbias = None if bias is None else sum_dy.to(bias.dtype)
+        return dx.to(z.dtype).reshape(z.shape), dweight, dbias, None, None, None, None
+
+
+class InPlaceABN(BatchNormBase):
+    """In-place activated BatchNorm over ``input [N, C, *S]`` (2-D to 5-D).
+
+    Keyword-only: ``activation`` (``"leaky_relu"``, ``"elu"`` or ``"identity"``),
+    ``activation_param`` (leaky_relu's slope or elu's alpha, > 0) and ``inplace`` (write
+    the output over the input, which must then be a contiguous non-leaf tensor that no
+    other op saved for backward). Training uses the memory-saving autograd function; eval
+    (and the ``freeze_stats``/``small_batch`` paths) is BatchNorm then the activation.
+    """
+
+    _allowed_dims = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        inplace: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self.activation, self.activation_param = _check_abn_activation(
+            activation, activation_param
+        )
+        self.inplace = inplace
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, activation={self.activation!r}, "
+            f"activation_param={self.activation_param}, inplace={self.inplace}"
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training or self._stats_frozen(input) or _one_value_per_channel(input):
+            return _activation(super().forward(input), self.activation, self.activation_param)
+        if self.weight is not None and bool((self.weight == 0).any()):
+            raise ValueError(
+                "InPlaceABN needs weight without zero entries in training (backward divides "
+                "by weight to recover the normalized input)"
+            )
+        factor = self._average_factor()
+        inplace = self.inplace and input.is_contiguous()
+        out, mean, var = _InPlaceABNFunction.apply(
+            input, self.weight, self.bias, self.eps, self.activation, self.activation_param,
+            inplace,
+        )
+        if self.track_running_stats and input.numel():
+            F.update_running_stats(
+                self.running_mean, self.running_var, mean, var,
+                input.numel() // input.shape[1], factor,
+            )
+        return out
