@@ -32,7 +32,15 @@ from torch.autograd.function import once_differentiable
 from normlab import _checks, ops
 from normlab.functional import update_running_stats
 
-__all__ = ["is_sync_possible", "world_size", "gather_batch_stats", "sync_batch_norm"]
+__all__ = [
+    "is_sync_possible",
+    "world_size",
+    "gather_batch_stats",
+    "batch_stats",
+    "normalize_synced",
+    "sync_batch_norm",
+    "check_global_count",
+]
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default (WORLD) group
 
@@ -193,6 +201,52 @@ def _view4(input: Tensor) -> Tensor:
     return input.reshape(n, channels, 1, math.prod(input.shape[2:]))
 
 
+def batch_stats(
+    input: Tensor, process_group: ProcessGroup = None, *, backend: str | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """Per-channel ``(mean, biased var, count)`` of the batch concatenated over all ranks of
+    ``process_group``: local moments with the backend's kernels, then ONE all_gather.
+
+    ``input [N, C, *S]`` may be empty on some ranks. ``mean``/``var`` are ``[C]`` in the
+    compute dtype (float32, float64 for float64 input); with a global count of 0 they are
+    0 and 1 (nothing is normalized; nothing should be recorded).
+    """
+    x4 = _view4(input)
+    local_count = x4.shape[0] * x4.shape[3]
+    with torch.no_grad():
+        if local_count > 0:
+            mean, var = ops.resolve(input, backend).moments(x4, per_sample=False, center=True)
+        else:
+            work = torch.float64 if input.dtype == torch.float64 else torch.float32
+            mean = torch.zeros(input.shape[1], dtype=work, device=input.device)
+            var = torch.zeros_like(mean)
+        mean, var, count = gather_batch_stats(mean, var, local_count, process_group)
+    if count == 0:
+        mean, var = torch.zeros_like(mean), torch.ones_like(var)
+    return mean, var, count
+
+
+def normalize_synced(
+    input: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    process_group: ProcessGroup = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Normalize ``input [N, C, *S]`` with the global ``mean``/``var`` ``[C]`` of ``count``
+    elements per channel (from ``batch_stats``). Differentiable w.r.t. ``input`` (through
+    the statistics too: ONE all_reduce in backward, on every rank), ``weight`` and ``bias``
+    (this rank's share; DDP sums the shares)."""
+    return _SyncBatchNormFunction.apply(
+        input, weight, bias, mean, var, count, eps, process_group, backend
+    )
+
+
 def sync_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -224,25 +278,20 @@ def sync_batch_norm(
         _checks.check_vector(value, name, channels, "channels of input (dim 1)")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
-    kernels = ops.resolve(input, backend)
-    x4 = _view4(input)
-    local_count = x4.shape[0] * x4.shape[3]
-    with torch.no_grad():
-        if local_count > 0:
-            mean, var = kernels.moments(x4, per_sample=False, center=True)
-        else:
-            work = torch.float64 if input.dtype == torch.float64 else torch.float32
-            mean = torch.zeros(channels, dtype=work, device=input.device)
-            var = torch.zeros_like(mean)
-        mean, var, count = gather_batch_stats(mean, var, local_count, process_group)
-    if count <= 1:
-        # Checked after the collective, so every rank raises together instead of hanging.
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got "
-            f"{count} over all ranks of the process group (this rank: input size {input.size()})"
-        )
+    mean, var, count = batch_stats(input, process_group, backend=backend)
+    check_global_count(count, input)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return _SyncBatchNormFunction.apply(
-        input, weight, bias, mean, var, count, eps, process_group, backend
+    return normalize_synced(
+        input, mean, var, count, weight, bias, eps, process_group, backend=backend
     )
+
+
+def check_global_count(count: int, input: Tensor) -> None:
+    """torch's rule, applied to the global batch: training needs more than one value per
+    channel. Checked after the collective, so every rank raises together (no hang)."""
+    if count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 over all ranks of "
+            f"the process group (this rank: input size {input.size()})"
+        )

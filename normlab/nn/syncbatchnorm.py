@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from normlab import _checks
 from normlab import distributed as D
+from normlab import functional as F
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = [
@@ -35,6 +36,9 @@ class SyncBatchNorm(BatchNormBase):
     Parameters, buffers and state_dict keys are those of ``BatchNorm*d`` and
     ``torch.nn.SyncBatchNorm``. Every rank must run the layer's forward and backward the
     same number of times (a rank with ``N = 0`` still calls them).
+
+    ``freeze_stats`` and ``small_batch`` behave as in ``BatchNormBase``, with the
+    one-value-per-channel test applied to the global batch.
     """
 
     def __init__(
@@ -49,15 +53,17 @@ class SyncBatchNorm(BatchNormBase):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        small_batch: str = "error",
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, small_batch=small_batch,
         )
         self.process_group = process_group
         # Rank of the last input seen: lets revert_sync_batchnorm pick BatchNorm1d/2d/3d.
         self._last_input_dim: int | None = None
 
-    def _check_input_dim(self, input: Tensor) -> None:
+    def _check_shape(self, input: Tensor) -> None:
         _checks.check_tensor(input)
         _checks.check_min_dim(input, 2, "[N, C, *]")
         if input.shape[1] != self.num_features:
@@ -66,26 +72,42 @@ class SyncBatchNorm(BatchNormBase):
                 f"got input of shape {tuple(input.shape)}"
             )
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        # The single-process path (BatchNormBase.forward): any rank >= 2, local batch rules.
+        self._check_shape(input)
+        if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
+            _checks.check_values_per_channel(input)
+
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and D.is_sync_possible(self.process_group)):
-            # BatchNormBase.forward checks the input (with our >= 2D rule) and does the rest.
+        frozen = self.freeze_stats and self.running_mean is not None  # same on every rank
+        if frozen or not (self.training and D.is_sync_possible(self.process_group)):
             output = super().forward(input)
             self._last_input_dim = input.dim()
             return output
-        self._check_input_dim(input)
+        self._check_shape(input)
         self._last_input_dim = input.dim()
+        group = self.process_group
+        mean, var, count = D.batch_stats(input, group)
+        # Decisions that depend on the batch size use the GLOBAL count (known to every rank
+        # after the collective), so all ranks take the same path: no rank waits alone.
+        if count == 1:
+            if self.small_batch == "running" and self.running_mean is not None:
+                return F.batch_norm(
+                    input, self.running_mean, self.running_var, self.weight, self.bias,
+                    False, 0.0, self.eps,
+                )
+            if self.small_batch != "skip_update":
+                D.check_global_count(count, input)
+            # skip_update: the batch's own statistics (output = bias), nothing recorded.
+            return D.normalize_synced(
+                input, mean, var, count, self.weight, self.bias, self.eps, group
+            )
         factor = self._average_factor()
-        track = self.track_running_stats
-        return D.sync_batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            factor,
-            self.eps,
-            self.process_group,
-        )
+        if self.track_running_stats:
+            F.update_running_stats(
+                self.running_mean, self.running_var, mean, var, count, factor
+            )
+        return D.normalize_synced(input, mean, var, count, self.weight, self.bias, self.eps, group)
 
 
 # --- conversions ------------------------------------------------------------------------
@@ -131,6 +153,10 @@ def _move_state(source: nn.Module, target: nn.Module) -> nn.Module:
             if getattr(source, name, None) is not None:
                 setattr(target, name, getattr(source, name))
     target.train(source.training)
+    # normlab's extras (BatchNormBase): plain attributes, not in the state_dict.
+    for name in ("freeze_stats", "small_batch"):
+        if name in vars(source):
+            setattr(target, name, getattr(source, name))
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
     return target

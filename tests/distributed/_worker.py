@@ -228,6 +228,80 @@ def run_ddp(rank: int, world: int, out: dict[str, list[float]]) -> None:
     ]
 
 
+def run_global_batch_rules(rank: int, world: int, out: dict[str, list[float]]) -> None:
+    """Rules that depend on the batch size use the GLOBAL batch, so every rank agrees.
+
+    Only the last rank holds one sample (one value per channel over the whole group), or
+    no rank holds any; compared with single-process torch/normlab BatchNorm on that batch.
+    """
+    import normlab.nn as nlnn
+
+    gen = torch.Generator().manual_seed(99)
+    one = torch.randn(1, CHANNELS, generator=gen)
+    mine = one if rank == world - 1 else one[:0]
+    stats = {"running_mean": torch.randn(CHANNELS, generator=gen),
+             "running_var": torch.rand(CHANNELS, generator=gen) + 0.5}
+
+    def make(**kwargs: Any) -> SyncBatchNorm:
+        layer = SyncBatchNorm(CHANNELS, **kwargs)
+        layer.load_state_dict({**layer.state_dict(), **stats})
+        with torch.no_grad():
+            layer.weight.normal_(generator=gen)
+            layer.bias.normal_(generator=gen)
+        return layer
+
+    def unchanged(layer: nn.Module, name: str, batches: int = 0) -> None:
+        for key, value in stats.items():
+            out[f"rules/{name}/{key}_unchanged"] = [rel_err(getattr(layer, key), value), 0]
+        out[f"rules/{name}/num_batches_tracked"] = [abs(int(layer.num_batches_tracked) - batches),
+                                                    0]
+
+    # small_batch="error" (torch's rule): every rank raises, nothing is counted.
+    layer = make()
+    try:
+        layer(mine)
+        out["rules/error/raised"] = [1, 0]
+    except ValueError as exc:
+        out["rules/error/raised"] = [float("more than 1 value per channel" not in str(exc)), 0]
+    unchanged(layer, "error")
+    # small_batch="running": the running statistics normalize; no collective in backward.
+    layer = make(small_batch="running")
+    x = mine.clone().requires_grad_(True)
+    with count_collectives() as calls:
+        y = layer(x)
+        y.sum().backward()
+    ref = nlnn.BatchNorm1d(CHANNELS)
+    ref.load_state_dict(layer.state_dict())
+    out["rules/running/output"] = [rel_err(y, ref.eval()(mine)), 1e-6]
+    out["rules/running/collectives"] = [abs(sum(calls.values()) - 1), 0]  # the all_gather
+    unchanged(layer, "running")
+    # small_batch="skip_update": the batch's own statistics (output = bias), no update.
+    layer = make(small_batch="skip_update")
+    y = layer(mine)
+    y.sum().backward()
+    out["rules/skip_update/output"] = [rel_err(y, layer.bias.detach().expand_as(y)), 1e-6]
+    unchanged(layer, "skip_update")
+    # freeze_stats: plain BatchNorm with the running statistics, no collective at all.
+    layer = make()
+    layer.freeze_stats = True
+    x = torch.randn(2 + rank, CHANNELS, generator=gen)
+    with count_collectives() as calls:
+        y = layer(x)
+        y.sum().backward()
+    ref = nlnn.BatchNorm1d(CHANNELS)
+    ref.load_state_dict(layer.state_dict())
+    out["rules/frozen/output"] = [rel_err(y, ref.eval()(x)), 1e-6]
+    out["rules/frozen/collectives"] = [sum(calls.values()), 0]
+    unchanged(layer, "frozen")
+    # No sample anywhere: an empty output and untouched statistics, counted like torch does.
+    layer = make()
+    x = torch.empty(0, CHANNELS, 4, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    out["rules/empty/output_shape"] = [float(y.shape != x.shape or x.grad.shape != x.shape), 0]
+    unchanged(layer, "empty", batches=1)
+
+
 def equivalence(rank: int, world: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     # The kernels serving the local part (NORMLAB_BACKEND, set per group by the test).
@@ -235,6 +309,7 @@ def equivalence(rank: int, world: int) -> dict[str, list[float]]:
     for index, case in enumerate(CASES):
         run_case(index, case, rank, world, out)
     run_ddp(rank, world, out)
+    run_global_batch_rules(rank, world, out)
     return out
 
 

@@ -132,6 +132,14 @@ def test_ddp_training_matches_full_batch(groups: dict, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("rule", ["error", "running", "skip_update", "frozen", "empty"])
+def test_batch_size_rules_use_the_global_batch(groups: dict, world: int, rule: str) -> None:
+    """One value per channel over all ranks (small_batch policies), freeze_stats, and an
+    empty global batch: every rank takes the same path, as single-process BatchNorm would."""
+    _assert_checks(groups[world, "equivalence"], f"rules/{rule}/")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
 def test_every_case_ran_every_check(groups: dict, world: int) -> None:
     """Guard against a silently skipped case or check, or a backend other than intended."""
     for rank_result in groups[world, "equivalence"]:
