@@ -1,0 +1,367 @@
+"""The numba CPU backend against the composite torch backend, op by op.
+
+One table of ``[N, G, K, S]`` views (per-sample and per-channel statistics, contiguous,
+channels-last, strided and empty) drives forward, backward, eval and the split-phase
+pieces; then the torch.library registration (opcheck, torch.compile without graph
+break), determinism, backend selection and the on-disk compile cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import ops
+from normlab.ops import torch_ops
+
+cpu = pytest.importorskip("normlab.ops.cpu", reason="numba is not installed")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class View:
+    """An ``x4 [N, G, K, S]`` input: ``per_sample`` statistics (else per ``G``)."""
+
+    id: str
+    shape: tuple[int, int, int, int]
+    per_sample: bool
+    center: bool = True
+    layout: str = "contiguous"  # or "channels_last" ([N, S, G, K] in memory) or "strided"
+
+    def make(self, dtype: torch.dtype, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        n, groups, k, s = self.shape
+        if self.layout == "channels_last":
+            base = torch.randn(n, s, groups, k, generator=g, dtype=torch.float64)
+            x = base.permute(0, 2, 3, 1)
+        elif self.layout == "strided":
+            x = torch.randn(n, groups, k, 2 * s, generator=g, dtype=torch.float64)[..., ::2]
+        else:
+            x = torch.randn(self.shape, generator=g, dtype=torch.float64)
+        return (x * 2 + offset).to(dtype)
+
+
+VIEWS = [
+    View("layer_norm", (6, 1, 12, 1), True),
+    View("rms_norm", (6, 1, 12, 1), True, center=False),
+    View("group_norm", (3, 2, 3, 5), True),
+    View("instance_norm", (3, 4, 1, 7), True),
+    View("group_norm-channels-last", (3, 2, 3, 5), True, layout="channels_last"),
+    View("batch_norm", (4, 3, 1, 10), False),
+    View("batch_norm-NC", (8, 5, 1, 1), False),
+    View("batch_norm-channels-last", (4, 3, 1, 10), False, layout="channels_last"),
+    View("batch_norm-strided", (4, 3, 1, 10), False, layout="strided"),
+    View("batch_norm-uncentered", (4, 3, 1, 10), False, center=False),
+    # Large enough to run on several threads and, for the cols layout, several pieces.
+    View("batch_norm-large", (16, 8, 1, 300), False),
+    View("batch_norm-large-channels-last", (16, 8, 1, 300), False, layout="channels_last"),
+    View("layer_norm-large", (96, 1, 512, 1), True),
+    View("group_norm-large", (8, 4, 4, 300), True),
+    View("batch_norm-empty", (0, 3, 1, 10), False),
+    View("layer_norm-empty", (0, 1, 12, 1), True),
+]
+CHANNEL_VIEWS = [v for v in VIEWS if not v.per_sample]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return {
+        torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+        torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+        torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2},
+    }[dtype]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **_tol(dtype), equal_nan=True)
+
+
+def _params(view: View, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    features = view.shape[1] * view.shape[2]
+    weight = torch.randn(features, generator=g, dtype=torch.float64) + 1
+    return weight.to(dtype), torch.randn(features, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _train(module, view: View, x, w, b, dy):  # noqa: ANN001, ANN202
+    x, w, b = _leaves(x, w, b)
+    y, mean, var = module.normalize(
+        x, w, b, per_sample=view.per_sample, center=view.center, eps=1e-5
+    )
+    y.backward(dy)
+    return y, mean, var, x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.id)
+def test_train_forward_backward_match_composite(view: View, dtype: torch.dtype) -> None:
+    x = view.make(dtype)
+    w, b = _params(view, dtype)
+    dy = view.make(dtype, seed=2)
+    got = _train(cpu, view, x, w, b, dy)
+    want = _train(torch_ops, view, x, w, b, dy)
+    for actual, expected in zip(got, want, strict=True):
+        _close(actual, expected, dtype)
+    # The output keeps the input's memory layout (channels-last stays channels-last).
+    assert got[0].stride() == torch.empty_like(x).stride()
+
+
+@pytest.mark.parametrize("view", CHANNEL_VIEWS, ids=lambda v: v.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eval_forward_backward_match_composite(view: View, dtype: torch.dtype) -> None:
+    x = view.make(dtype)
+    w, b = _params(view, dtype)
+    groups = view.shape[1]
+    mean = torch.linspace(-1, 1, groups, dtype=dtype)
+    var = torch.linspace(0.5, 2, groups, dtype=dtype)
+    dy = view.make(dtype, seed=2)
+    results = []
+    for module in (cpu, torch_ops):
+        xl, wl, bl = _leaves(x, w, b)
+        y = module.normalize_with_stats(xl, mean, var, wl, bl, eps=1e-5)
+        y.backward(dy)
+        results.append((y, xl.grad, wl.grad, bl.grad))
+    for actual, expected in zip(*results, strict=True):
+        _close(actual, expected, dtype)
+
+
+def test_eval_gradient_of_the_statistics_uses_composite_code() -> None:
+    x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
+    stats = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
+    grads = []
+    for module in (cpu, torch_ops):
+        mean, var = _leaves(*stats)
+        module.normalize_with_stats(x, mean, var, None, None, eps=1e-5).square().sum().backward()
+        grads.append((mean.grad, var.grad))
+    for actual, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("view", [v for v in VIEWS if v.shape[2] == 1 or v.per_sample],
+                         ids=lambda v: v.id)
+def test_split_phase_pieces_match_composite(view: View) -> None:
+    dtype = torch.float64
+    x = view.make(dtype)
+    got = cpu.moments(x, per_sample=view.per_sample, center=view.center)
+    want = torch_ops.moments(x, per_sample=view.per_sample, center=view.center)
+    for actual, expected in zip(got, want, strict=True):
+        _close(actual, expected, dtype)
+    if view.per_sample or x.numel() == 0:
+        return
+    mean, var = want
+    rstd = torch.rsqrt(var + 1e-5)
+    dy = view.make(dtype, seed=2)
+    w = _params(view, dtype)[0]
+    sums = cpu.backward_reduce(dy, x, mean, rstd)
+    for actual, expected in zip(sums, torch_ops.backward_reduce(dy, x, mean, rstd), strict=True):
+        _close(actual, expected, dtype)
+    count = x.numel() // x.shape[1]
+    _close(
+        cpu.backward_apply(dy, x, mean, rstd, w, *sums, count),
+        torch_ops.backward_apply(dy, x, mean, rstd, w, *sums, count),
+        dtype,
+    )
+
+
+def test_variance_survives_a_large_mean() -> None:
+    """float32 data around 1e4 with unit noise: E[x^2] - E[x]^2 would lose it all."""
+    for view in (VIEWS[0], VIEWS[5], VIEWS[7]):
+        x = view.make(torch.float32, offset=1e4)
+        _, _, var = cpu.normalize(x, None, None, per_sample=view.per_sample, center=True, eps=0)
+        dims = (2, 3) if view.per_sample else (0, 2, 3)
+        exact = x.double().var(dim=dims, correction=0)
+        torch.testing.assert_close(var.double(), exact, rtol=1e-4, atol=0)
+
+
+def test_nan_propagates_to_the_statistics() -> None:
+    x = torch.randn(4, 3, 1, 6)
+    x[1, 2, 0, 3] = float("nan")
+    y, mean, var = cpu.normalize(x, None, None, per_sample=False, center=True, eps=1e-5)
+    assert mean[2].isnan() and var[2].isnan() and y[:, 2].isnan().all()
+    assert not (mean[:2].isnan().any() or y[:, :2].isnan().any())
+
+
+def test_double_backward_falls_back_to_composite() -> None:
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return normlab.functional.batch_norm(x, None, None, w, None, True, backend="cpu")
+
+    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
+
+
+def test_non_cpu_tensors_are_not_supported() -> None:
+    meta = torch.empty(2, 3, device="meta")
+    assert not cpu.supports(meta)
+    assert not cpu.supports(torch.zeros(3, dtype=torch.int64))
+    assert ops.resolve(meta, "cpu") is torch_ops
+    assert ops.resolve(torch.zeros(2, 3), "auto") is cpu
+
+
+# --------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def _opcheck_samples() -> list[tuple[object, tuple, dict]]:
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, grad: bool = False) -> torch.Tensor:
+        return torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x_nchw = rand(3, 4, 1, 5, grad=True)
+    x_cl = rand(3, 5, 4, 1).permute(0, 2, 3, 1).detach().requires_grad_(True)
+    w, b = rand(4, grad=True), rand(4, grad=True)
+    mean, var = rand(4), rand(4).abs() + 0.5
+    rstd = torch.rsqrt(var)
+    dy = rand(3, 4, 1, 5)
+    nl = torch.ops.normlab
+    return [
+        (nl.normalize, (x_nchw, w, b, False, True, 1e-5), {}),
+        (nl.normalize, (x_cl, w, None, False, True, 1e-5), {}),
+        (nl.normalize, (rand(6, 2, 2, 3, grad=True), w, b, True, True, 1e-5), {}),
+        (nl.normalize, (rand(6, 1, 4, 1, grad=True), w, None, True, False, 1e-5), {}),
+        (nl.normalize_backward, (dy, x_nchw.detach(), mean, rstd, w.detach(), False, True), {}),
+        (nl.normalize_with_stats, (x_nchw, mean, var, w, b, 1e-5), {}),
+        (nl.normalize_with_stats, (x_cl, mean, var, None, b, 1e-5), {}),
+        (nl.moments, (x_nchw.detach(), False, True), {}),
+        (nl.moments, (rand(6, 2, 2, 3), True, False), {}),
+        (nl.backward_reduce, (dy, x_nchw.detach(), mean, rstd), {}),
+        (nl.backward_apply, (dy, x_nchw.detach(), mean, rstd, w.detach(), mean, var, 15), {}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_opcheck_samples())))
+def test_opcheck(index: int) -> None:
+    op, args, kwargs = _opcheck_samples()[index]
+    torch.library.opcheck(op, args, kwargs)
+
+
+def _small_model() -> nn.Module:
+    return nn.Sequential(
+        normlab.BatchNorm2d(4),
+        normlab.GroupNorm(2, 4),
+        normlab.LayerNorm(5),
+        normlab.RMSNorm(5),
+    )
+
+
+def test_compile_fullgraph_has_no_graph_break() -> None:
+    torch.manual_seed(0)
+    model, reference = _small_model(), _small_model()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4, 6, 5)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for train in (True, False):
+        model.train(train), reference.train(train)
+        xa, xb = _leaves(x, x)
+        ya, yb = compiled(xa), reference(xb)
+        torch.testing.assert_close(ya, yb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-4)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+    for a, b in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+    code = "".join(gm.code for gm in graphs)
+    assert "normlab.normalize" in code and "normlab.normalize_with_stats" in code
+
+
+# --------------------------------------------------------------------------------------
+# Determinism, threads, selection, cache
+
+
+@pytest.mark.parametrize("view", [v for v in VIEWS if "large" in v.id], ids=lambda v: v.id)
+def test_bitwise_deterministic(view: View) -> None:
+    x = view.make(torch.float32)
+    w, b = _params(view, torch.float32)
+    dy = view.make(torch.float32, seed=2)
+    first = _train(cpu, view, x, w, b, dy)
+    for _ in range(2):
+        again = _train(cpu, view, x, w, b, dy)
+        for a, b_ in zip(first, again, strict=True):
+            assert torch.equal(a, b_)
+
+
+def test_threads_follow_torch() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu.sync_threads(10**9) == 1
+        torch.set_num_threads(2)
+        assert cpu.sync_threads(10**9) == min(2, cpu.numba.config.NUMBA_NUM_THREADS)
+        assert cpu.sync_threads(10) == 1  # tiny inputs stay on the calling thread
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_backend_selection_argument_context_and_default() -> None:
+    x = torch.randn(4, 6)
+    assert ops.resolve(x) is cpu
+    assert ops.resolve(x, "torch") is torch_ops
+    with normlab.use_backend("torch"):
+        assert ops.resolve(x) is torch_ops
+        assert ops.resolve(x, "cpu") is cpu
+    y_cpu = normlab.functional.layer_norm(x, (6,), backend="cpu")
+    y_torch = normlab.functional.layer_norm(x, (6,), backend="torch")
+    torch.testing.assert_close(y_cpu, y_torch)
+
+
+def test_backend_selection_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    assert ops.resolve(torch.randn(3)) is torch_ops
+    monkeypatch.setenv(ops.ENV_VAR, "cpu")
+    assert ops.resolve(torch.randn(3)) is cpu
+
+
+_PROBE = """
+import json, torch
+from normlab.ops import _kernels as K, cpu
+x = torch.randn(6, 1, 12, 1)
+with torch.no_grad():
+    cpu.normalize(x, None, None, per_sample=True, center=True, eps=1e-5)
+stats = K.rows_forward.stats
+print(json.dumps({"hits": sum(stats.cache_hits.values()),
+                  "misses": sum(stats.cache_misses.values()), "dir": cpu.cache_dir()}))
+"""
+
+
+def test_second_process_loads_kernels_from_the_disk_cache() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def probe() -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = probe()  # compiles, unless an earlier run already cached the kernel
+    second = probe()
+    assert first["hits"] + first["misses"] == 1
+    assert second == {"hits": 1, "misses": 0, "dir": first["dir"]}
+    # The default cache lives in the user's cache dir, not next to the installed sources.
+    assert Path(first["dir"]).parts[-2:] == ("normlab", "numba")
+    assert list(Path(first["dir"]).rglob("*rows_forward*.nbi"))
