@@ -66,6 +66,12 @@ def update_running_stats(
     work = batch_mean.dtype
     new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
     new_var = running_var.to(work) * (1 - momentum) + unbiased * momentum
+    if torch.compiler.is_compiling():
+        # No data-dependent branch under torch.compile (it would break the graph): guard
+        # unconditionally, without the warning.
+        running_mean.copy_(torch.where(finite, new_mean, running_mean.to(work)))
+        running_var.copy_(torch.where(finite, new_var, running_var.to(work)))
+        return
     if not bool(finite.all()):
         warnings.warn(
             "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
