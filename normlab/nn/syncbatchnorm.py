@@ -109,6 +109,12 @@ class SyncBatchNorm(BatchNormBase):
             )
         return D.normalize_synced(input, mean, var, count, self.weight, self.bias, self.eps, group)
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Same as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: see the free function
+        ``convert_sync_batchnorm``."""
+        return convert_sync_batchnorm(module, process_group)
+
 
 # --- conversions ------------------------------------------------------------------------
 

@@ -243,6 +243,12 @@ def test_convert_keeps_state_and_revert_round_trips() -> None:
     assert all(dict(reverted.named_buffers())[k] is v for k, v in net.named_buffers())
 
 
+def test_classmethod_converts_like_torch() -> None:
+    layer = nn.BatchNorm2d(3)
+    converted = SyncBatchNorm.convert_sync_batchnorm(layer)
+    assert type(converted) is SyncBatchNorm and converted.weight is layer.weight
+
+
 @pytest.mark.parametrize("dims, shape", [(None, (4, 3, 5)), (None, (2, 3, 2, 2, 2)), (2, (4, 3))])
 def test_revert_picks_dims_from_input_or_argument(dims, shape) -> None:
     import normlab.nn as nlnn
