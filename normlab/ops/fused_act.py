@@ -44,6 +44,9 @@ _CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 # Kernel flags: reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf", so
 # NaN/Inf inputs propagate exactly as in torch.
 _FASTMATH = {"reassoc", "contract", "arcp"}
+# Below this many elements the fixed cost of the fused path (kernel launch, a custom
+# autograd node) exceeds what it saves in memory traffic: use the composite path.
+FUSED_MIN_NUMEL = 1 << 16
 
 
 def check_activation(act: str, slope: float = 0.01) -> tuple[str, float]:
@@ -85,7 +88,7 @@ def fused_supported(x: Tensor, backend: str | None = None) -> bool:
         and x.dtype in (torch.float32, torch.float64)
         and x.is_contiguous()
         and x.dim() >= 2
-        and x.numel() > 0
+        and x.numel() >= max(FUSED_MIN_NUMEL, 1)
     )
 
 

@@ -1,0 +1,190 @@
+"""BatchNorm variants against torch eager, measured in one run.
+
+1. Fused norm+activation: ``normlab.nn.BatchNormAct2d(act="relu")`` train forward+backward
+   vs ``torch.nn.BatchNorm2d`` then ``torch.nn.ReLU`` (eager), interleaved A/B, median of
+   ``--reps`` after warm-up, on the ResNet stage shapes; ratio per shape and geomean, plus
+   a bandwidth reference (a large ``copy_``) taken in the same run.
+2. InPlaceABN memory: a 10-block ``Conv3x3 -> norm -> LeakyReLU`` stack, one training step;
+   the bytes of the distinct tensors autograd saves for backward (counted by
+   ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded) are the activation
+   memory held at the peak, between forward and backward. Eager Conv-BN-LeakyReLU vs
+   Conv-InPlaceABN, with the largest gradient difference between the two.
+
+Usage: ``python benchmarks/variants.py [--quick] [--threads N] [--reps R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# numba's and torch's OpenMP runtimes are separate; with the default active wait, each
+# one's idle threads spin and steal the 2 cores from the other (it slowed *both* sides
+# 2-3x here). Passive waiting, set before either runtime starts, is the fair setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from normlab.nn.act import BatchNormAct2d  # noqa: E402,I001
+from normlab.nn.inplace_abn import InPlaceABN  # noqa: E402
+
+RESNET_SHAPES = [(32, 64, 56, 56), (16, 128, 28, 28), (64, 256, 14, 14), (128, 512, 7, 7)]
+QUICK_SHAPES = [(8, 32, 28, 28), (16, 64, 14, 14)]
+
+
+def _median_pair(
+    a: Callable[[], object], b: Callable[[], object], reps: int
+) -> tuple[float, float]:
+    """Interleaved A/B timing: medians (seconds) after two warm-up calls of each."""
+    for _ in range(2):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, acc in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _bandwidth(reps: int, quick: bool) -> float:
+    """GB/s of a large copy_ (read + write), the machine's memory-bandwidth reference."""
+    n = (4 if quick else 64) * 2**20 // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    dst.copy_(src)  # first touch of dst's pages outside the timing
+    times = []
+    for _ in range(max(reps, 3)):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+def _fused_pair(x: torch.Tensor, dy: torch.Tensor) -> tuple[Callable[[], None], ...]:
+    """Train forward+backward of normlab's BatchNormAct2d(relu) and of torch eager
+    BatchNorm2d + ReLU on ``x [N, C, H, W]``, gradients for input and parameters."""
+    ours = BatchNormAct2d(x.shape[1], act="relu")
+    bn, relu = nn.BatchNorm2d(x.shape[1]), nn.ReLU()
+
+    def run_ours() -> None:
+        torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), dy)
+
+    def run_torch() -> None:
+        torch.autograd.grad(relu(bn(x)), (x, bn.weight, bn.bias), dy)
+
+    return run_ours, run_torch
+
+
+def bench_fused(shapes: list[tuple[int, ...]], reps: int) -> dict[str, float]:
+    """Ratio torch-eager / fused time for train forward+backward of BN2d + ReLU per shape."""
+    ratios = {}
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        t_ours, t_torch = _median_pair(*_fused_pair(x, torch.randn(shape)), reps)
+        # bytes the fused path must move at least: read x, write y; read x, dy, write dx
+        gbs = 5 * x.numel() * 4 / t_ours / 1e9
+        ratios[str(shape)] = t_torch / t_ours
+        print(f"  {str(shape):20s} fused {t_ours * 1e3:8.2f} ms  torch {t_torch * 1e3:8.2f} ms"
+              f"  ratio {t_torch / t_ours:5.2f}x  ({gbs:5.1f} GB/s effective)")
+    return ratios
+
+
+class _SavedBytes:
+    """Counts the distinct storages autograd saves for backward (parameters excluded)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.skip:
+            self.seen[ptr] = max(self.seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _stack(blocks: int, c: int, abn: bool) -> nn.Sequential:
+    """Blocks ``(conv, norm[, act])``: both stacks have the same state_dict keys."""
+    def block() -> nn.Sequential:
+        conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        if abn:
+            return nn.Sequential(conv, InPlaceABN(c, activation="leaky_relu",
+                                                  activation_param=0.01))
+        return nn.Sequential(conv, nn.BatchNorm2d(c), nn.LeakyReLU(0.01))
+
+    return nn.Sequential(*(block() for _ in range(blocks)))
+
+
+def bench_memory(shape: tuple[int, ...], blocks: int = 10) -> tuple[int, int, float]:
+    """(eager bytes, InPlaceABN bytes, gradient difference) for one training step; the
+    difference is ``max |g_abn - g_eager| / max |g_eager|`` over the parameters."""
+    torch.manual_seed(0)
+    eager = _stack(blocks, shape[1], abn=False)
+    ours = _stack(blocks, shape[1], abn=True)
+    ours.load_state_dict(eager.state_dict())  # same keys: ABN's checkpoint is BatchNorm's
+    x = torch.randn(shape)
+    dy = torch.randn(shape)
+    results = []
+    for model in (eager, ours):
+        counter = _SavedBytes(model)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            y = model(x.clone().requires_grad_())
+        grads = torch.autograd.grad(y, list(model.parameters()), dy)
+        results.append((counter.total, grads))
+    diff = max(
+        ((a - b).abs().max() / b.abs().max()).item()
+        for b, a in zip(results[0][1], results[1][1], strict=True)
+    )
+    return results[0][0], results[1][0], diff
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few reps (CI)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 15)
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover
+        pass
+    print(f"threads={args.threads} reps={reps} torch={torch.__version__} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"copy bandwidth reference: {_bandwidth(reps, args.quick):.1f} GB/s")
+
+    print("BatchNormAct2d(relu) train fwd+bwd vs torch eager BatchNorm2d + ReLU:")
+    ratios = bench_fused(QUICK_SHAPES if args.quick else RESNET_SHAPES, reps)
+    geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+    print(f"  geomean ratio {geomean:.2f}x (target >= 3x)")
+
+    mem_shape = (2, 8, 16, 16) if args.quick else (16, 64, 56, 56)
+    eager_bytes, abn_bytes, diff = bench_memory(mem_shape)
+    saving = 1 - abn_bytes / eager_bytes
+    print(f"10-block Conv-BN-LeakyReLU training step, input {mem_shape}:")
+    print(f"  saved activations: eager {eager_bytes / 2**20:.1f} MiB, "
+          f"InPlaceABN {abn_bytes / 2**20:.1f} MiB -> {saving:.0%} less (target >= 40%)")
+    print(f"  gradients: max |abn - eager| / max |eager| = {diff:.2e} (target <= 1e-4)")
+    return {"fused_ratios": ratios, "geomean": geomean, "memory_saving": saving,
+            "grad_diff": diff}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Norm + activation layers (fused and composite) and InPlaceABN against their references:
+NumPy float64 (``reference`` + ``reference_variants``) and torch eager Conv-BN-act."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import reference as ref
+from normlab import reference_variants as rv
+from normlab.nn.act import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    GroupNormAct,
+    LayerNormAct,
+)
+from normlab.nn.batchnorm import BatchNorm2d
+from normlab.nn.inplace_abn import InPlaceABN
+from normlab.nn.normalization import GroupNorm, LayerNorm
+from normlab.ops import fused_act
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _fuse_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' tensors are small: take the fused path for them anyway."""
+    monkeypatch.setattr(fused_act, "FUSED_MIN_NUMEL", 0)
+
+
+ACTS = [("relu", 0.01), ("leaky_relu", 0.2), ("silu", 0.01), ("gelu", 0.01), ("identity", 0.01)]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy().copy()
+
+
+def _close(actual: torch.Tensor, expected: np.ndarray, tol: float) -> None:
+    np.testing.assert_allclose(_np(actual), expected, rtol=tol, atol=tol)
+
+
+def _params(layer: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNormAct: fused kernels (backend auto/cpu) and composite (backend torch)
+# --------------------------------------------------------------------------------------------
+
+BN_ACT_CASES = [
+    (BatchNormAct1d, (7, 3)),
+    (BatchNormAct1d, (4, 3, 5)),
+    (BatchNormAct2d, (3, 4, 5, 6)),
+    (BatchNormAct3d, (2, 3, 2, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("cls,shape", BN_ACT_CASES)
+@pytest.mark.parametrize("path", ["torch", "cpu"])
+def test_batch_norm_act_matches_reference(path, cls, shape, act, slope) -> None:
+    layer = cls(shape[1], dtype=F64, act=act, slope=slope)
+    _params(layer)
+    x = (torch.randn(shape, dtype=F64) * 1.5 + 0.5).requires_grad_()
+    dy = torch.randn(shape, dtype=F64)
+    with normlab.use_backend(path):
+        assert fused_act.fused_supported(x) == (path == "cpu")
+        y = layer(x)
+        y.backward(dy)
+    w, b = _np(layer.weight), _np(layer.bias)
+    pre = ref.batch_norm_forward(_np(x), w, b, layer.eps)
+    _close(y, rv.activation_forward(pre, act, slope), 1e-10)
+    dpre = rv.activation_backward(_np(dy), pre, act, slope)
+    dx, dw, db = ref.batch_norm_backward(dpre, _np(x), w, layer.eps)
+    _close(x.grad, dx, 1e-9)
+    _close(layer.weight.grad, dw, 1e-9)
+    _close(layer.bias.grad, db, 1e-9)
+    mean, var, count = ref.batch_stats(_np(x))
+    rm, rvar, _ = ref.update_running_stats(np.zeros(shape[1]), np.ones(shape[1]), mean, var,
+                                           count, 0.1, 0)
+    _close(layer.running_mean, rm, 1e-12)
+    _close(layer.running_var, rvar, 1e-12)
+    layer.eval()
+    eval_pre = ref.batch_norm_eval(_np(x), rm, rvar, w, b, layer.eps)
+    with normlab.use_backend(path):
+        _close(layer(x), rv.activation_forward(eval_pre, act, slope), 1e-10)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("leaky_relu", 0.1), ("gelu", 0.0)])
+def test_fused_float32_matches_torch_eager(act, slope, affine) -> None:
+    """float32 fused kernels vs torch.nn.BatchNorm2d followed by the torch activation,
+    with a large common mean (the statistics must not cancel catastrophically)."""
+    layer = BatchNormAct2d(6, act=act, slope=slope, affine=affine, momentum=None)
+    eager = nn.BatchNorm2d(6, affine=affine, momentum=None)
+    if affine:
+        _params(layer, seed=4)
+        eager.load_state_dict(layer.state_dict())
+    x = (torch.randn(8, 6, 7, 7) * 0.5 + 100.0).requires_grad_()
+    x_eager = x.detach().clone().requires_grad_()
+    dy = torch.randn(8, 6, 7, 7)
+    with normlab.use_backend("cpu"):
+        y = layer(x)
+    y.backward(dy)
+    y_eager = fused_act.activation(eager(x_eager), act, slope)
+    y_eager.backward(dy)
+    torch.testing.assert_close(y, y_eager, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x_eager.grad, atol=5e-4, rtol=1e-3)
+    if affine:
+        torch.testing.assert_close(layer.weight.grad, eager.weight.grad, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(layer.bias.grad, eager.bias.grad, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(layer.running_mean, eager.running_mean)
+    torch.testing.assert_close(layer.running_var, eager.running_var)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(
+    "act_layer,plain_layer,shape",
+    [
+        (lambda: GroupNormAct(2, 6, act="silu"), lambda: GroupNorm(2, 6), (3, 6, 4, 4)),
+        (lambda: LayerNormAct((4, 5), act="leaky_relu", slope=0.3), lambda: LayerNorm((4, 5)),
+         (3, 2, 4, 5)),
+        (lambda: BatchNormAct2d(6, act="gelu"), lambda: BatchNorm2d(6), (3, 6, 4, 4)),
+    ],
+)
+def test_norm_act_state_dict_and_composite(backend, act_layer, plain_layer, shape) -> None:
+    layer, plain = act_layer().double(), plain_layer().double()
+    _params(plain, seed=7)
+    layer.load_state_dict(plain.state_dict())  # strict: the keys are the plain layer's
+    plain.load_state_dict(layer.state_dict())
+    torch.nn.Module.train(plain, False), layer.train(False)
+    x = torch.randn(shape, dtype=F64, requires_grad=True)
+    y = layer(x)
+    expected = fused_act.activation(plain(x), layer.act, layer.slope)
+    torch.testing.assert_close(y, expected)
+    if isinstance(layer, GroupNormAct):
+        w, b = _np(layer.weight), _np(layer.bias)
+        pre = ref.group_norm_forward(_np(x), 2, w, b, layer.eps)
+        _close(y, rv.activation_forward(pre, "silu"), 1e-10)
+    if isinstance(layer, LayerNormAct):
+        pre = ref.layer_norm_forward(_np(x), (4, 5), _np(layer.weight), _np(layer.bias),
+                                     layer.eps)
+        _close(y, rv.activation_forward(pre, "leaky_relu", 0.3), 1e-10)
+    assert "act=" in repr(layer)
+
+
+def test_act_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="act must be one of"):
+        BatchNormAct2d(3, act="tanh")
+    with pytest.raises(TypeError, match="slope"):
+        GroupNormAct(1, 3, act="leaky_relu", slope="0.1")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fused_act.batch_norm_act(torch.randn(4, 3), None, None, torch.ones(2), None, True)
+
+
+# --------------------------------------------------------------------------------------------
+# InPlaceABN against torch eager Conv-BN-activation
+# --------------------------------------------------------------------------------------------
+
+ABN_CASES = [
+    ("leaky_relu", 0.01, torch.float32, 1e-4),
+    ("leaky_relu", 0.3, torch.float64, 1e-10),
+    ("elu", 1.0, torch.float32, 1e-4),
+    ("elu", 0.5, torch.float64, 1e-10),
+    ("identity", 0.01, torch.float32, 1e-4),
+]
+
+
+def _eager_act(name: str, param: float) -> nn.Module:
+    return {"leaky_relu": nn.LeakyReLU(param), "elu": nn.ELU(param),
+            "identity": nn.Identity()}[name]
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("name,param,dtype,tol", ABN_CASES)
+def test_inplace_abn_matches_torch_eager(backend, name, param, dtype, tol, inplace) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=dtype)
+    bn = nn.BatchNorm2d(4, dtype=dtype)
+    _params(bn, seed=2)
+    eager = nn.Sequential(conv, bn, _eager_act(name, param))
+    abn = InPlaceABN(4, dtype=dtype, activation=name, activation_param=param, inplace=inplace)
+    abn.load_state_dict(bn.state_dict())
+    ours = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=dtype), abn)
+    ours[0].load_state_dict(conv.state_dict())
+    x = torch.randn(5, 3, 6, 6, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn(5, 4, 6, 6, dtype=dtype)
+    for _ in range(2):
+        y_eager = eager(x)
+        y_eager.backward(dy)
+        y = ours(x2)
+        y.backward(dy)
+    opts = {"atol": tol, "rtol": tol}
+    torch.testing.assert_close(y, y_eager, **opts)
+    torch.testing.assert_close(x2.grad, x.grad, **opts)
+    torch.testing.assert_close(ours[0].weight.grad, conv.weight.grad, **opts)
+    torch.testing.assert_close(abn.weight.grad, bn.weight.grad, **opts)
+    torch.testing.assert_close(abn.bias.grad, bn.bias.grad, **opts)
+    torch.testing.assert_close(abn.running_mean, bn.running_mean, **opts)
+    torch.testing.assert_close(abn.running_var, bn.running_var, **opts)
+    eager.eval(), ours.eval()
+    torch.testing.assert_close(ours(x2), eager(x), **opts)
+
+
+def test_inplace_abn_writes_over_its_input_and_checks_arguments() -> None:
+    abn = InPlaceABN(3)
+    h = torch.randn(4, 3, 5, 5, requires_grad=True) * 2  # a non-leaf, as a conv output is
+    out = abn(h)
+    assert out.data_ptr() == h.data_ptr()
+    out.sum().backward()
+    with pytest.raises(ValueError, match="activation_param must be > 0"):
+        InPlaceABN(3, activation="leaky_relu", activation_param=0.0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        InPlaceABN(3, activation="relu")
+    with torch.no_grad():
+        abn.weight[1] = 0.0
+    with pytest.raises(ValueError, match="weight without zero"):
+        abn(torch.randn(4, 3, 5, 5))
+
+
+def test_benchmark_quick_runs() -> None:
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "variants.py"
+    spec = importlib.util.spec_from_file_location("bench_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick"])
+    assert result["memory_saving"] > 0.4  # InPlaceABN saves > 40% of the saved activations
+    assert all(r > 0 for r in result["fused_ratios"].values())
