@@ -7,6 +7,7 @@ may hold different batch sizes, including none at all. The math lives in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +17,14 @@ from torch import Tensor, nn
 from normlab import _checks
 from normlab import distributed as D
 from normlab import functional as F
+from normlab.nn.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormActBase
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from normlab.nn.ghost import GhostBatchNormBase
+from normlab.ops.fused_act import activation, check_activation
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
     "register_sync_conversion",
@@ -116,6 +121,42 @@ class SyncBatchNorm(BatchNormBase):
         return convert_sync_batchnorm(module, process_group)
 
 
+class SyncBatchNormAct(SyncBatchNorm):
+    """``act(SyncBatchNorm(input))``: the synchronized counterpart of ``BatchNormAct*d``
+    (what ``convert_sync_batchnorm`` turns those into); keyword-only ``act``/``slope``.
+
+    The activation is applied after the synchronized normalization (the fused one-pass
+    kernels need the local statistics only, so they do not apply here)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        act: str = "relu",
+        slope: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, process_group, device,
+            dtype, **kwargs,
+        )
+        self.act, self.slope = check_activation(act, slope)
+
+    def extra_repr(self) -> str:
+        slope = f", slope={self.slope}" if self.act == "leaky_relu" else ""
+        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return activation(super().forward(input), self.act, self.slope)
+
+
 # --- conversions ------------------------------------------------------------------------
 
 Converter = Callable[[nn.Module, Any], nn.Module]
@@ -190,39 +231,77 @@ def _bn_kwargs(module: nn.Module) -> dict[str, Any]:
     }
 
 
+# Plain classes a revert can rebuild, so that a conversion round-trips to them exactly.
 _PLAIN_CLASSES: tuple[type, ...] = (
     BatchNorm1d, BatchNorm2d, BatchNorm3d,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
 )
+_INPUT_RANK_TO_DIMS = {2: 1, 3: 1, 4: 2, 5: 3}
+
+
+def _act_kwargs(module: nn.Module) -> dict[str, Any]:
+    return {"act": module.act, "slope": module.slope}
 
 
 def _bn_to_sync(module: nn.Module, process_group: Any) -> nn.Module:
     sync = _move_state(module, SyncBatchNorm(**_bn_kwargs(module), process_group=process_group))
-    # Remember a plain class we can rebuild, so a revert round-trips to it exactly.
     if type(module) in _PLAIN_CLASSES:
         sync._source_class = type(module)
     return sync
 
 
-_DIMS_TO_CLASS = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
-_INPUT_RANK_TO_DIMS = {2: 1, 3: 1, 4: 2, 5: 3}
+def _bn_act_to_sync(module: nn.Module, process_group: Any) -> nn.Module:
+    kwargs = {**_bn_kwargs(module), **_act_kwargs(module), "process_group": process_group}
+    sync = _move_state(module, SyncBatchNormAct(**kwargs))
+    if type(module) in _PLAIN_CLASSES:
+        sync._source_class = type(module)
+    return sync
+
+
+def _plain_class(module: nn.Module, dims: int | None, by_dims: dict[int, type]) -> type:
+    if dims is not None:
+        return by_dims[dims]
+    if getattr(module, "_source_class", None) is not None:
+        return module._source_class
+    seen = getattr(module, "_last_input_dim", None)
+    return by_dims[_INPUT_RANK_TO_DIMS.get(seen, 2)]
 
 
 def _sync_to_plain(module: nn.Module, dims: int | None) -> nn.Module:
-    if dims is not None:
-        cls: type = _DIMS_TO_CLASS[dims]
-    elif getattr(module, "_source_class", None) is not None:
-        cls = module._source_class
-    else:
-        seen = getattr(module, "_last_input_dim", None)
-        cls = _DIMS_TO_CLASS[_INPUT_RANK_TO_DIMS.get(seen, 2)]
+    cls = _plain_class(module, dims, {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d})
     return _move_state(module, cls(**_bn_kwargs(module)))
 
 
+def _sync_act_to_plain(module: nn.Module, dims: int | None) -> nn.Module:
+    cls = _plain_class(module, dims, {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d})
+    return _move_state(module, cls(**_bn_kwargs(module), **_act_kwargs(module)))
+
+
+def _no_sync_version(module: nn.Module, process_group: Any) -> nn.Module:
+    warnings.warn(
+        f"convert_sync_batchnorm: left a {type(module).__name__} unsynchronized (it has no "
+        "synchronized version; its statistics stay per process). Register one with "
+        "register_sync_conversion, or register None to silence this.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return module
+
+
 register_sync_conversion(nn.modules.batchnorm._BatchNorm, _bn_to_sync)  # incl. torch SyncBN
-register_sync_conversion(BatchNormBase, _bn_to_sync)
-register_sync_conversion(SyncBatchNorm, None, _sync_to_plain)  # already synchronized
 register_sync_conversion(nn.SyncBatchNorm, _bn_to_sync, _sync_to_plain)
+register_sync_conversion(BatchNorm1d, _bn_to_sync)
+register_sync_conversion(BatchNorm2d, _bn_to_sync)
+register_sync_conversion(BatchNorm3d, _bn_to_sync)
+register_sync_conversion(BatchNormActBase, _bn_act_to_sync)
+register_sync_conversion(SyncBatchNorm, None, _sync_to_plain)  # already synchronized
+register_sync_conversion(SyncBatchNormAct, None, _sync_act_to_plain)
+# Ghost BatchNorm normalizes small virtual batches on purpose: keep it per process.
+register_sync_conversion(GhostBatchNormBase, None)
+# Other variants (BatchRenorm, InPlaceABN, ...) would silently lose their semantics as a
+# plain SyncBatchNorm: they stay as they are, with a warning.
+register_sync_conversion(BatchNormBase, _no_sync_version)
 
 
 def _convert(module: nn.Module, table: dict[type, Any], arg: Any) -> nn.Module:
@@ -238,9 +317,11 @@ def _convert(module: nn.Module, table: dict[type, Any], arg: Any) -> nn.Module:
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Replace every BatchNorm layer in ``module`` (``torch.nn.BatchNorm1d/2d/3d``,
-    ``torch.nn.SyncBatchNorm``, ``normlab.BatchNorm1d/2d/3d``) by ``normlab.SyncBatchNorm``
-    over ``process_group`` (default: WORLD), keeping the parameter and buffer objects,
-    ``training`` and ``requires_grad``.
+    ``torch.nn.SyncBatchNorm``, ``normlab.BatchNorm1d/2d/3d``) by ``normlab.SyncBatchNorm``,
+    and ``normlab.BatchNormAct*d`` by ``SyncBatchNormAct``, over ``process_group``
+    (default: WORLD), keeping the parameter and buffer objects, ``training`` and
+    ``requires_grad``. Ghost BatchNorm stays per process; other normlab variants
+    (BatchRenorm, InPlaceABN) stay as they are, with a warning.
 
     Modifies ``module`` in place and returns it; if ``module`` is itself a BatchNorm
     layer, returns the new layer. Call it before wrapping the model in
@@ -251,13 +332,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
 
 def revert_sync_batchnorm(module: nn.Module, dims: int | None = None) -> nn.Module:
     """Replace every ``normlab.SyncBatchNorm`` (and ``torch.nn.SyncBatchNorm``) in ``module``
-    by a plain BatchNorm layer with the same parameters, buffers and flags.
+    by a plain BatchNorm layer with the same parameters, buffers and flags
+    (``SyncBatchNormAct`` by ``BatchNormAct*d``).
 
     The class is ``normlab.BatchNorm{dims}d`` when ``dims`` (1, 2 or 3) is given;
     otherwise the class the layer was converted from (round trip), else the one matching
     the rank of the last input the layer saw (2D/3D -> 1d, 4D -> 2d, 5D -> 3d), else
     ``BatchNorm2d``. In place; returns ``module`` (or the new layer).
     """
-    if dims is not None and dims not in _DIMS_TO_CLASS:
+    if dims is not None and dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2, 3 or None, got {dims!r}")
     return _convert(module, _TO_PLAIN, dims)

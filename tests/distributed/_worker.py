@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from normlab import ops
+from normlab.nn.act import BatchNormAct2d
 from normlab.nn.syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 # name, spatial shape, dtype, channels_last, momentum, split, affine, track_running_stats, offset
@@ -186,7 +187,7 @@ def run_case(index: int, case: tuple, rank: int, world: int, out: dict[str, list
 def make_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2), BatchNormAct2d(8, act="silu"),  # -> SyncBatchNormAct
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5), nn.BatchNorm1d(5),
     )
 

@@ -243,6 +243,28 @@ def test_convert_keeps_state_and_revert_round_trips() -> None:
     assert all(dict(reverted.named_buffers())[k] is v for k, v in net.named_buffers())
 
 
+def test_convert_norm_act_and_variants() -> None:
+    import normlab.nn as nlnn
+    from normlab.nn.act import BatchNormAct2d
+    from normlab.nn.ghost import GhostBatchNorm2d
+    from normlab.nn.renorm import BatchRenorm2d
+    from normlab.nn.syncbatchnorm import SyncBatchNormAct
+
+    act = BatchNormAct2d(3, act="leaky_relu", slope=0.2)
+    ghost, renorm = GhostBatchNorm2d(3, virtual_batch_size=2), BatchRenorm2d(3)
+    net = nn.Sequential(act, ghost, renorm)
+    with pytest.warns(UserWarning, match="left a BatchRenorm2d unsynchronized"):
+        convert_sync_batchnorm(net)
+    assert type(net[0]) is SyncBatchNormAct and net[0].weight is act.weight
+    assert (net[0].act, net[0].slope) == ("leaky_relu", 0.2)
+    assert net[1] is ghost and net[2] is renorm
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(net[0](x), nn.functional.leaky_relu(
+        nlnn.BatchNorm2d(3)(x), 0.2))  # no process group: plain BatchNorm, then the activation
+    revert_sync_batchnorm(net)
+    assert type(net[0]) is BatchNormAct2d and net[0].slope == 0.2
+
+
 def test_classmethod_converts_like_torch() -> None:
     layer = nn.BatchNorm2d(3)
     converted = SyncBatchNorm.convert_sync_batchnorm(layer)
