@@ -47,6 +47,12 @@ def _jit(parallel: bool):  # noqa: ANN202
     )
 
 
+# Sums are accumulated in the data dtype over blocks of at most this many values (so they
+# vectorize at full width and each lane adds only a few values), and the block sums in
+# float64: the accuracy of float64 accumulation at the speed of the data dtype.
+_BLOCK = 256
+
+
 @_jit(parallel=False)
 def _chunk(index, pieces, total):
     """Start and stop of piece ``index`` of ``pieces`` near-equal pieces of ``range(total)``."""
@@ -54,32 +60,71 @@ def _chunk(index, pieces, total):
 
 
 @_jit(parallel=False)
-def _row_moments(x, r, shift, center):
-    """Two-pass ``(mean, M2)`` of row ``r`` in float64. ``shift[r]`` receives the first-pass
-    mean rounded to the data dtype; the second pass, in the data dtype, is taken about it."""
-    L = x.shape[1]
-    if center:
-        acc = 0.0
-        for j in range(L):
-            acc += x[r, j]
-        shift[r] = acc / L
-    else:
-        shift[r] = 0.0
-    m = shift[r]
+def _sum(v, zero):
+    """float64 sum of the 1-D array ``v``, blocked (``zero``: a 1-element array of 0 in the
+    data dtype, which types the block accumulators)."""
+    total = 0.0
+    for j0 in range(0, v.shape[0], _BLOCK):
+        blk = v[j0:j0 + _BLOCK]
+        acc = zero[0]
+        for j in range(blk.shape[0]):
+            acc += blk[j]
+        total += acc
+    return total
+
+
+@_jit(parallel=False)
+def _deviation_sums(v, m, zero):
+    """float64 ``(sum(v - m), sum((v - m)^2))`` of the 1-D array ``v``, blocked."""
     s1 = 0.0
     s2 = 0.0
-    for j in range(L):
-        d = x[r, j] - m
-        s1 += d
-        s2 += d * d
+    for j0 in range(0, v.shape[0], _BLOCK):
+        blk = v[j0:j0 + _BLOCK]
+        a1 = zero[0]
+        a2 = zero[0]
+        for j in range(blk.shape[0]):
+            d = blk[j] - m
+            a1 += d
+            a2 += d * d
+        s1 += a1
+        s2 += a2
+    return s1, s2
+
+
+@_jit(parallel=False)
+def _grad_sums(g, v, m, zero):
+    """float64 ``(sum(g), sum(g * (v - m)))`` of the 1-D arrays ``g``, ``v``, blocked."""
+    s1 = 0.0
+    s2 = 0.0
+    for j0 in range(0, v.shape[0], _BLOCK):
+        gb = g[j0:j0 + _BLOCK]
+        vb = v[j0:j0 + _BLOCK]
+        a1 = zero[0]
+        a2 = zero[0]
+        for j in range(vb.shape[0]):
+            a1 += gb[j]
+            a2 += gb[j] * (vb[j] - m)
+        s1 += a1
+        s2 += a2
+    return s1, s2
+
+
+@_jit(parallel=False)
+def _moments(v, shift, i, center, zero):
+    """Two-pass float64 ``(mean, M2)`` of the 1-D array ``v``. ``shift[i]`` receives the
+    first-pass mean rounded to the data dtype, about which the second pass is taken; the
+    shifted-data correction makes the result exact for that rounding."""
+    n = v.shape[0]
+    shift[i] = _sum(v, zero) / n if center else 0.0
+    m = shift[i]
+    s1, s2 = _deviation_sums(v, m, zero)
     if not center:
         return 0.0, s2
-    # Shifted-data correction: exact mean and M2 although ``m`` was rounded.
-    return m + s1 / L, s2 - s1 * s1 / L
+    return m + s1 / n, s2 - s1 * s1 / n
 
 
 @_jit(parallel=True)
-def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write):
+def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, zero):
     """Per-row statistics and (if ``write``) the normalized, affine output, fused: the row
     is read from memory once and re-read from cache.
 
@@ -89,31 +134,37 @@ def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write):
     per_group = w.shape[0] // groups
     spatial = L // per_group
     for r in prange(R):
-        m, m2 = _row_moments(x, r, mean, center)
+        xr = x[r]
+        m, m2 = _moments(xr, mean, r, center, zero)
         v = m2 / L
         mean[r] = m
         var[r] = v
         rstd[r] = 1.0 / np.sqrt(v + eps)
         if write:
+            yr = y[r]
             mt = mean[r]
             rt = rstd[r]
-            base = (r % groups) * per_group
+            g0 = (r % groups) * per_group
+            wg = w[g0:g0 + per_group]
+            bg = b[g0:g0 + per_group]
             if spatial == 1:
                 for k in range(per_group):
-                    y[r, k] = (x[r, k] - mt) * (rt * w[base + k]) + b[base + k]
+                    yr[k] = (xr[k] - mt) * (rt * wg[k]) + bg[k]
             else:
                 for k in range(per_group):
-                    a = rt * w[base + k]
-                    c = b[base + k]
-                    off = k * spatial
+                    a = rt * wg[k]
+                    c = bg[k]
+                    xs = xr[k * spatial:(k + 1) * spatial]
+                    ys = yr[k * spatial:(k + 1) * spatial]
                     for s in range(spatial):
-                        y[r, off + s] = (x[r, off + s] - mt) * a + c
+                        ys[s] = (xs[s] - mt) * a + c
 
 
 @_jit(parallel=True)
-def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db):
-    """Backward of ``rows_forward``: dx ``[R, L]``; dw, db ``[G*K]`` sums over rows, from
-    the zeroed float64 partials ``pdw, pdb [pieces, G*K]`` (one row of them per piece).
+def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, zero):
+    """Backward of ``rows_forward``: dx ``[R, L]``; dw, db ``[G*K]`` sums over rows, from the
+    zeroed partials ``pdw, pdb [pieces, G*K]`` (data dtype, one row of them per piece of
+    rows; merged in float64).
 
     Per row: one pass accumulates ``sum dy*w``, ``sum dy*w*xhat`` and the piece's dw/db
     partials, a second writes ``dx = rstd*(dy*w - mean(dy*w) - xhat*mean(dy*w*xhat))``
@@ -125,36 +176,48 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db):
     spatial = L // per_group
     for p in prange(pieces):
         r0, r1 = _chunk(p, pieces, R)
-        coef = np.empty(2, dtype=x.dtype)  # rounds the per-row scalars to the data dtype
+        coef = np.empty(2, dtype=x.dtype)  # rounds per-row scalars to the data dtype
         for r in range(r0, r1):
+            xr = x[r]
+            dyr = dy[r]
+            dxr = dx[r]
             mt = mean[r]
             rt = rstd[r]
-            base = (r % groups) * per_group
+            g0 = (r % groups) * per_group
+            wg = w[g0:g0 + per_group]
+            pw = pdw[p, g0:g0 + per_group]
+            pb = pdb[p, g0:g0 + per_group]
             sum_a = 0.0
             sum_b = 0.0
             if spatial == 1:
-                for k in range(per_group):
-                    g = dy[r, k]
-                    xh = (x[r, k] - mt) * rt
-                    gw = g * w[base + k]
-                    sum_a += gw
-                    sum_b += gw * xh
-                    pdw[p, base + k] += g * xh
-                    pdb[p, base + k] += g
+                for k0 in range(0, per_group, _BLOCK):
+                    k1 = min(k0 + _BLOCK, per_group)
+                    gb = dyr[k0:k1]
+                    xb = xr[k0:k1]
+                    wb = wg[k0:k1]
+                    pwb = pw[k0:k1]
+                    pbb = pb[k0:k1]
+                    a1 = zero[0]
+                    a2 = zero[0]
+                    for k in range(k1 - k0):
+                        g = gb[k]
+                        xh = (xb[k] - mt) * rt
+                        gw = g * wb[k]
+                        a1 += gw
+                        a2 += gw * xh
+                        pwb[k] += g * xh
+                        pbb[k] += g
+                    sum_a += a1
+                    sum_b += a2
             else:
                 for k in range(per_group):
-                    off = k * spatial
-                    sd = 0.0
-                    sdx = 0.0
-                    for s in range(spatial):
-                        g = dy[r, off + s]
-                        sd += g
-                        sdx += g * ((x[r, off + s] - mt) * rt)
-                    wk = w[base + k]
-                    sum_a += wk * sd
-                    sum_b += wk * sdx
-                    pdw[p, base + k] += sdx
-                    pdb[p, base + k] += sd
+                    sl = slice(k * spatial, (k + 1) * spatial)
+                    sd, sdx = _grad_sums(dyr[sl], xr[sl], mt, zero)
+                    sdx *= rt
+                    sum_a += wg[k] * sd
+                    sum_b += wg[k] * sdx
+                    pw[k] += sdx
+                    pb[k] += sd
             # dx = dy*w*rstd + (x - mean)*c1 + c2 with per-row scalars c1, c2.
             coef[0] = -rt * rt * (sum_b / L)
             coef[1] = -rt * (sum_a / L) if center else 0.0
@@ -162,13 +225,16 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db):
             c2 = coef[1]
             if spatial == 1:
                 for k in range(per_group):
-                    dx[r, k] = dy[r, k] * (w[base + k] * rt) + (x[r, k] - mt) * c1 + c2
+                    dxr[k] = dyr[k] * (wg[k] * rt) + (xr[k] - mt) * c1 + c2
             else:
                 for k in range(per_group):
-                    a = w[base + k] * rt
-                    off = k * spatial
+                    a = wg[k] * rt
+                    sl = slice(k * spatial, (k + 1) * spatial)
+                    xs = xr[sl]
+                    gs = dyr[sl]
+                    ds = dx[r, sl]
                     for s in range(spatial):
-                        dx[r, off + s] = dy[r, off + s] * a + (x[r, off + s] - mt) * c1 + c2
+                        ds[s] = gs[s] * a + (xs[s] - mt) * c1 + c2
     for f in range(features):
         acc_w = 0.0
         acc_b = 0.0
@@ -180,19 +246,19 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db):
 
 
 @_jit(parallel=False)
-def _scales(mean, rstd, w, mul, m_out):
-    """``mul = rstd * w`` and the mean, both rounded to the data dtype (``[C]``)."""
+def _scales(mean, rstd, w, mul, sub):
+    """``mul = rstd * w`` and ``sub = mean``, rounded to the data dtype (``[C]``)."""
     for c in range(mean.shape[0]):
         mul[c] = rstd[c] * w[c]
-        m_out[c] = mean[c]
+        sub[c] = mean[c]
 
 
 @_jit(parallel=True)
-def channel_rows_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd, scratch):
+def channel_rows_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd, scratch, zero):
     """BatchNorm on the rows layout ``x [N*C, S]`` (NCHW): if ``stats``, per-channel
     ``mean, var, rstd [C]`` (outputs) from per-plane two-pass moments merged over ``n``
     in order; if ``write``, ``y = (x - mean) * rstd * w + b`` (with the given ``mean``
-    and ``rstd`` when not ``stats``: eval mode). ``scratch [3, N*C]`` float64.
+    and ``rstd`` when not ``stats``: eval mode). ``scratch [2, N*C]`` float64.
     """
     R, S = x.shape
     channels = mean.shape[0]
@@ -200,7 +266,7 @@ def channel_rows_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd,
     if stats:
         shift = np.empty(R, dtype=x.dtype)
         for r in prange(R):
-            scratch[0, r], scratch[1, r] = _row_moments(x, r, shift, center)
+            scratch[0, r], scratch[1, r] = _moments(x[r], shift, r, center, zero)
         for c in range(channels):
             total = 0.0
             for n in range(batch):
@@ -225,15 +291,20 @@ def channel_rows_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd,
             s0 = sub[c]
             a = mul[c]
             bc = b[c]
+            xr = x[r]
+            yr = y[r]
             for s in range(S):
-                y[r, s] = (x[r, s] - s0) * a + bc
+                yr[s] = (xr[s] - s0) * a + bc
+
+
+_ROWS_PER_BLOCK = 32  # rows of the cols layout summed in the data dtype before float64
 
 
 @_jit(parallel=True)
-def channel_cols_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd, scratch):
+def channel_cols_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd, scratch, zero):
     """BatchNorm on the cols layout ``x [M, C]`` (channels-last): as
     ``channel_rows_forward``, the statistics from two passes over each cache-sized piece
-    of rows, merged over pieces in order. ``scratch [pieces, 5, C]`` float64.
+    of rows, merged over pieces in order. ``scratch [pieces, 2, C]`` float64.
     """
     M, C = x.shape
     pieces = scratch.shape[0]
@@ -241,44 +312,54 @@ def channel_cols_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd,
         for p in prange(pieces):
             r0, r1 = _chunk(p, pieces, M)
             count = r1 - r0
-            acc = scratch[p, 0]
-            s1 = scratch[p, 1]
-            s2 = scratch[p, 2]
+            s1 = np.zeros(C)
+            s2 = np.zeros(C)
             shift = np.zeros(C, dtype=x.dtype)
-            for c in range(C):
-                acc[c] = 0.0
-                s1[c] = 0.0
-                s2[c] = 0.0
+            t1 = np.empty(C, dtype=x.dtype)
+            t2 = np.empty(C, dtype=x.dtype)
             if center:
-                for r in range(r0, r1):
+                for q0 in range(r0, r1, _ROWS_PER_BLOCK):
+                    t1[:] = zero[0]
+                    for r in range(q0, min(q0 + _ROWS_PER_BLOCK, r1)):
+                        xr = x[r]
+                        for c in range(C):
+                            t1[c] += xr[c]
                     for c in range(C):
-                        acc[c] += x[r, c]
+                        s1[c] += t1[c]
                 for c in range(C):
-                    shift[c] = acc[c] / count
-            for r in range(r0, r1):
+                    shift[c] = s1[c] / count
+                    s1[c] = 0.0
+            for q0 in range(r0, r1, _ROWS_PER_BLOCK):
+                t1[:] = zero[0]
+                t2[:] = zero[0]
+                for r in range(q0, min(q0 + _ROWS_PER_BLOCK, r1)):
+                    xr = x[r]
+                    for c in range(C):
+                        d = xr[c] - shift[c]
+                        t1[c] += d
+                        t2[c] += d * d
                 for c in range(C):
-                    d = x[r, c] - shift[c]
-                    s1[c] += d
-                    s2[c] += d * d
-            for c in range(C):  # this piece's (mean, M2) into rows 3 and 4
+                    s1[c] += t1[c]
+                    s2[c] += t2[c]
+            for c in range(C):  # this piece's (mean, M2)
                 if center:
-                    scratch[p, 3, c] = shift[c] + s1[c] / count
-                    scratch[p, 4, c] = s2[c] - s1[c] * s1[c] / count
+                    scratch[p, 0, c] = shift[c] + s1[c] / count
+                    scratch[p, 1, c] = s2[c] - s1[c] * s1[c] / count
                 else:
-                    scratch[p, 3, c] = 0.0
-                    scratch[p, 4, c] = s2[c]
+                    scratch[p, 0, c] = 0.0
+                    scratch[p, 1, c] = s2[c]
         for c in range(C):
             total = 0.0
             for p in range(pieces):
                 r0, r1 = _chunk(p, pieces, M)
-                total += (r1 - r0) * scratch[p, 3, c]
+                total += (r1 - r0) * scratch[p, 0, c]
             m = total / M
             m2 = 0.0
             dev = 0.0
             for p in range(pieces):
                 r0, r1 = _chunk(p, pieces, M)
-                d = scratch[p, 3, c] - m
-                m2 += scratch[p, 4, c]
+                d = scratch[p, 0, c] - m
+                m2 += scratch[p, 1, c]
                 dev += (r1 - r0) * d * d
             v = (m2 + dev) / M
             mean[c] = m
@@ -291,8 +372,10 @@ def channel_cols_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd,
         for p in prange(pieces):
             r0, r1 = _chunk(p, pieces, M)
             for r in range(r0, r1):
+                xr = x[r]
+                yr = y[r]
                 for c in range(C):
-                    y[r, c] = (x[r, c] - sub[c]) * mul[c] + b[c]
+                    yr[c] = (xr[c] - sub[c]) * mul[c] + b[c]
 
 
 @_jit(parallel=False)
@@ -308,7 +391,7 @@ def _grad_coefficients(mean, rstd, w, sum_dy, sum_dy_xhat, count, a, bco, c0, su
 
 @_jit(parallel=True)
 def channel_rows_backward(
-    dy, x, mean, rstd, w, reduce, apply, count, sum_dy, sum_dy_xhat, dx, scratch
+    dy, x, mean, rstd, w, reduce, apply, count, sum_dy, sum_dy_xhat, dx, scratch, zero
 ):
     """BatchNorm backward on the rows layout ``[N*C, S]``.
 
@@ -322,15 +405,7 @@ def channel_rows_backward(
     batch = R // channels
     if reduce:
         for r in prange(R):
-            mt = mean[r % channels]
-            sd = 0.0
-            sdx = 0.0
-            for s in range(S):
-                g = dy[r, s]
-                sd += g
-                sdx += g * (x[r, s] - mt)
-            scratch[0, r] = sd
-            scratch[1, r] = sdx
+            scratch[0, r], scratch[1, r] = _grad_sums(dy[r], x[r], mean[r % channels], zero)
         for c in range(channels):
             sd = 0.0
             sdx = 0.0
@@ -351,13 +426,16 @@ def channel_rows_backward(
             bc = bco[c]
             cc = c0[c]
             mt = sub[c]
+            xr = x[r]
+            gr = dy[r]
+            dxr = dx[r]
             for s in range(S):
-                dx[r, s] = dy[r, s] * ac + (x[r, s] - mt) * bc + cc
+                dxr[s] = gr[s] * ac + (xr[s] - mt) * bc + cc
 
 
 @_jit(parallel=True)
 def channel_cols_backward(
-    dy, x, mean, rstd, w, reduce, apply, count, sum_dy, sum_dy_xhat, dx, scratch
+    dy, x, mean, rstd, w, reduce, apply, count, sum_dy, sum_dy_xhat, dx, scratch, zero
 ):
     """BatchNorm backward on the cols layout ``[M, C]`` (see ``channel_rows_backward``);
     ``scratch [pieces, 2, C]`` float64 holds the per-piece partial sums."""
@@ -368,14 +446,24 @@ def channel_cols_backward(
             r0, r1 = _chunk(p, pieces, M)
             part_dy = scratch[p, 0]
             part_dyx = scratch[p, 1]
-            for c in range(C):
-                part_dy[c] = 0.0
-                part_dyx[c] = 0.0
-            for r in range(r0, r1):
+            part_dy[:] = 0.0
+            part_dyx[:] = 0.0
+            sub = np.empty(C, dtype=x.dtype)
+            sub[:] = mean
+            t1 = np.empty(C, dtype=x.dtype)
+            t2 = np.empty(C, dtype=x.dtype)
+            for q0 in range(r0, r1, _ROWS_PER_BLOCK):
+                t1[:] = zero[0]
+                t2[:] = zero[0]
+                for r in range(q0, min(q0 + _ROWS_PER_BLOCK, r1)):
+                    xr = x[r]
+                    gr = dy[r]
+                    for c in range(C):
+                        t1[c] += gr[c]
+                        t2[c] += gr[c] * (xr[c] - sub[c])
                 for c in range(C):
-                    g = dy[r, c]
-                    part_dy[c] += g
-                    part_dyx[c] += g * (x[r, c] - mean[c])
+                    part_dy[c] += t1[c]
+                    part_dyx[c] += t2[c]
         for c in range(C):
             sd = 0.0
             sdx = 0.0
@@ -393,5 +481,8 @@ def channel_cols_backward(
         for p in prange(pieces):
             r0, r1 = _chunk(p, pieces, M)
             for r in range(r0, r1):
+                xr = x[r]
+                gr = dy[r]
+                dxr = dx[r]
                 for c in range(C):
-                    dx[r, c] = dy[r, c] * a[c] + (x[r, c] - sub[c]) * bco[c] + c0[c]
+                    dxr[c] = gr[c] * a[c] + (xr[c] - sub[c]) * bco[c] + c0[c]

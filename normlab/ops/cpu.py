@@ -146,6 +146,14 @@ def _pieces(rows: int, row_elements: int) -> int:
     return max(1, min(rows, max(wanted, 8)))
 
 
+_ZEROS = {torch.float32: np.zeros(1, np.float32), torch.float64: np.zeros(1, np.float64)}
+
+
+def _zero(dtype: torch.dtype):  # noqa: ANN202
+    """A 1-element zero array of the compute dtype: it types the kernels' accumulators."""
+    return _ZEROS[dtype]
+
+
 def _channel_scratch(x2: Tensor, cols: bool, per_piece: int, per_plane: int):  # noqa: ANN202
     """Float64 scratch of the channel kernels: ``[pieces, per_piece, C]`` (cols layout)
     or ``[per_plane, N*C]`` (rows layout)."""
@@ -196,11 +204,14 @@ def _forward_impl(
     y2 = _np(out.buf) if out is not None else _np(x2)  # not written when write=False
     stats = (_np(mean.view(-1)), _np(var.view(-1)), _np(rstd.view(-1)))
     if per_sample:
-        K.rows_forward(_np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write)
+        K.rows_forward(_np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write, _zero(work))
     else:
         kernel = K.channel_cols_forward if cols else K.channel_rows_forward
-        scratch = _channel_scratch(x2, cols, 5, 2)
-        kernel(_np(x2), _np(w), _np(b), True, write, center, eps, y2, *stats, scratch)
+        scratch = _channel_scratch(x2, cols, 2, 2)
+        kernel(
+            _np(x2), _np(w), _np(b), True, write, center, eps, y2, *stats, scratch,
+            _zero(work),
+        )
     if out is not None:
         out.finish()
     return y4, mean, var, rstd
@@ -235,18 +246,21 @@ def _backward_impl(
     out = _Target(dx4, work, cols)
     args = (_np(dy2), _np(x2), _np(mean_c), _np(rstd_c), _np(w))
     if per_sample:
-        partials = np.zeros((2, min(n * g, _ROW_PIECES), g * k))
-        K.rows_backward(*args, g, center, *partials, _np(out.buf), _np(dw), _np(db))
+        partials = np.zeros((2, min(n * g, _ROW_PIECES), g * k), dtype=_np(x2).dtype)
+        K.rows_backward(
+            *args, g, center, *partials, _np(out.buf), _np(dw), _np(db), _zero(work)
+        )
     else:
         kernel = K.channel_cols_backward if cols else K.channel_rows_backward
         scratch = _channel_scratch(x2, cols, 2, 2)
+        z = _zero(work)
         if center:
-            kernel(*args, True, True, n * s, _np(db), _np(dw), _np(out.buf), scratch)
+            kernel(*args, True, True, n * s, _np(db), _np(dw), _np(out.buf), scratch, z)
         else:
             # Without centering, dx has no sum(dy) term: reduce, then apply with it zeroed.
-            kernel(*args, True, False, n * s, _np(db), _np(dw), _np(out.buf), scratch)
+            kernel(*args, True, False, n * s, _np(db), _np(dw), _np(out.buf), scratch, z)
             zero = np.zeros(g, dtype=_np(dw).dtype)
-            kernel(*args, False, True, n * s, zero, _np(dw), _np(out.buf), scratch)
+            kernel(*args, False, True, n * s, zero, _np(dw), _np(out.buf), scratch, z)
     out.finish()
     return dx4, dw, db
 
@@ -279,7 +293,10 @@ def _apply_impl(
     kernel = K.channel_cols_forward if cols else K.channel_rows_forward
     scratch = _channel_scratch(x2, cols, 1, 1)
     stats = (_np(mean_c), _np(rstd), _np(rstd))  # (mean, var, rstd): var is not read
-    kernel(_np(x2), _np(w), _np(b), False, True, True, eps, _np(out.buf), *stats, scratch)
+    kernel(
+        _np(x2), _np(w), _np(b), False, True, True, eps, _np(out.buf), *stats, scratch,
+        _zero(work),
+    )
     return out.finish()
 
 
@@ -319,7 +336,7 @@ def _channel_backward_impl(
     )
     kernel = K.channel_cols_backward if cols else K.channel_rows_backward
     scratch = _channel_scratch(x2, cols, 2, 2)
-    kernel(*args, reduce, apply, count, _np(sum_dy), _np(sum_dyx), dx2, scratch)
+    kernel(*args, reduce, apply, count, _np(sum_dy), _np(sum_dyx), dx2, scratch, _zero(work))
     if out is not None:
         out.finish()
     return sum_dy, sum_dyx, dx4
