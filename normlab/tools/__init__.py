@@ -8,10 +8,13 @@
 Diagnostics live in ``normlab.inspect``.
 """
 
+from normlab.tools.convert import TARGETS, convert
 from normlab.tools.fold import find_foldable, fold_batchnorm, fold_weights
 from normlab.tools.recalibrate import default_forward, recalibrate
 
 __all__ = [
+    "TARGETS",
+    "convert",
     "default_forward",
     "find_foldable",
     "fold_batchnorm",

@@ -145,9 +145,9 @@ def test_recalibrate_all_reduce_over_process_group():
     """Two gloo ranks with uneven shards == one process over the union of the batches."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "sd.pt")
-        # fork: the workers need no fresh interpreter (spawn re-imports torch, ~10 s)
+        # forkserver: fork is unsafe once the parent has used OpenMP threads (deadlock)
         mp.start_processes(
-            _dist_worker, args=(2, init_file, result_file), nprocs=2, start_method="fork"
+            _dist_worker, args=(2, init_file, result_file), nprocs=2, start_method="forkserver"
         )
         got = torch.load(result_file)
     model = _model().eval()
