@@ -10,14 +10,30 @@ Diagnostics live in ``normlab.inspect``.
 
 from normlab.tools.convert import TARGETS, convert
 from normlab.tools.fold import find_foldable, fold_batchnorm, fold_weights
+from normlab.tools.keras import (
+    MoveChannels,
+    batchnorm_from_keras,
+    from_keras,
+    keras_config,
+    keras_momentum_to_torch,
+    to_keras,
+    torch_momentum_to_keras,
+)
 from normlab.tools.recalibrate import default_forward, recalibrate
 
 __all__ = [
     "TARGETS",
+    "MoveChannels",
+    "batchnorm_from_keras",
     "convert",
     "default_forward",
     "find_foldable",
     "fold_batchnorm",
     "fold_weights",
+    "from_keras",
+    "keras_config",
+    "keras_momentum_to_torch",
     "recalibrate",
+    "to_keras",
+    "torch_momentum_to_keras",
 ]
