@@ -140,6 +140,10 @@ def bench_case(
 ) -> tuple[Row, str | None]:
     """Times one case in one mode for every candidate, interleaved; medians in ms."""
     torch.manual_seed(0)
+    if compile_backend is not None:
+        # A fresh dynamo cache per case: no recompile limit reached across shapes, and the
+        # compiled column's first call is a real compilation.
+        torch._dynamo.reset()
     reference = case.build(nn)
     with torch.no_grad():
         for p in reference.parameters():

@@ -29,6 +29,7 @@ How it runs:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -132,8 +133,14 @@ class _Target:
 def _vector(param: Tensor | None, size: int, dtype: torch.dtype, fill: float) -> Tensor:
     """An affine parameter as a contiguous ``[size]`` tensor (``fill`` when absent)."""
     if param is None:
-        return torch.full((size,), fill, dtype=dtype)
+        return _constant(size, dtype, fill)
     return param.detach().to(dtype).contiguous().view(size)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(size: int, dtype: torch.dtype, fill: float) -> Tensor:
+    # Cached: the kernels only read it, and small calls feel every allocation.
+    return torch.full((size,), fill, dtype=dtype)
 
 
 def _np(t: Tensor):  # noqa: ANN202  (numpy array)
