@@ -235,14 +235,63 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, ze
                     ds = dx[r, sl]
                     for s in range(spatial):
                         ds[s] = gs[s] * a + (xs[s] - mt) * c1 + c2
+    # Merge the pieces in order (p outer, features inner: contiguous, vectorized).
+    acc_w = np.zeros(features)
+    acc_b = np.zeros(features)
+    for p in range(pieces):
+        pw = pdw[p]
+        pb = pdb[p]
+        for f in range(features):
+            acc_w[f] += pw[f]
+            acc_b[f] += pb[f]
     for f in range(features):
-        acc_w = 0.0
-        acc_b = 0.0
-        for p in range(pieces):
-            acc_w += pdw[p, f]
-            acc_b += pdb[p, f]
-        dw[f] = acc_w
-        db[f] = acc_b
+        dw[f] = acc_w[f]
+        db[f] = acc_b[f]
+
+
+@_jit(parallel=False)
+def _merge_moments(part_mean, part_m2, counts, eps, mean, var, rstd):
+    """Exact merge of per-part ``(mean, M2) [P, C]`` over ``counts [P]`` values each, in
+    part order: ``mean, var, rstd [C]`` (outputs). Parts outer, channels inner, so the
+    loops run along contiguous rows."""
+    parts, C = part_mean.shape
+    total = counts.sum()
+    acc = np.zeros(C)
+    for p in range(parts):
+        row = part_mean[p]
+        for c in range(C):
+            acc[c] += counts[p] * row[c]
+    m = acc / total
+    m2 = np.zeros(C)
+    for p in range(parts):
+        row = part_mean[p]
+        rm2 = part_m2[p]
+        for c in range(C):
+            d = row[c] - m[c]
+            m2[c] += rm2[c] + counts[p] * d * d
+    for c in range(C):
+        v = m2[c] / total
+        mean[c] = m[c]
+        var[c] = v
+        rstd[c] = 1.0 / np.sqrt(v + eps)
+
+
+@_jit(parallel=False)
+def _merge_sums(part_dy, part_dyx, rstd, sum_dy, sum_dy_xhat):
+    """Sums of the per-part ``[P, C]`` partials in part order; ``sum_dy_xhat`` is scaled
+    by ``rstd`` (``[C]`` outputs)."""
+    parts, C = part_dy.shape
+    a = np.zeros(C)
+    b = np.zeros(C)
+    for p in range(parts):
+        ra = part_dy[p]
+        rb = part_dyx[p]
+        for c in range(C):
+            a[c] += ra[c]
+            b[c] += rb[c]
+    for c in range(C):
+        sum_dy[c] = a[c]
+        sum_dy_xhat[c] = b[c] * rstd[c]
 
 
 @_jit(parallel=False)
@@ -267,21 +316,10 @@ def channel_rows_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd,
         shift = np.empty(R, dtype=x.dtype)
         for r in prange(R):
             scratch[0, r], scratch[1, r] = _moments(x[r], shift, r, center, zero)
-        for c in range(channels):
-            total = 0.0
-            for n in range(batch):
-                total += scratch[0, n * channels + c]
-            m = total / batch
-            m2 = 0.0
-            dev = 0.0
-            for n in range(batch):
-                d = scratch[0, n * channels + c] - m
-                m2 += scratch[1, n * channels + c]
-                dev += d * d
-            v = (m2 + S * dev) / (batch * S)
-            mean[c] = m
-            var[c] = v
-            rstd[c] = 1.0 / np.sqrt(v + eps)
+        _merge_moments(
+            scratch[0].reshape(batch, channels), scratch[1].reshape(batch, channels),
+            np.full(batch, float(S)), eps, mean, var, rstd,
+        )
     if write:
         mul = np.empty(channels, dtype=x.dtype)
         sub = np.empty(channels, dtype=x.dtype)
@@ -348,23 +386,11 @@ def channel_cols_forward(x, w, b, stats, write, center, eps, y, mean, var, rstd,
                 else:
                     scratch[p, 0, c] = 0.0
                     scratch[p, 1, c] = s2[c]
-        for c in range(C):
-            total = 0.0
-            for p in range(pieces):
-                r0, r1 = _chunk(p, pieces, M)
-                total += (r1 - r0) * scratch[p, 0, c]
-            m = total / M
-            m2 = 0.0
-            dev = 0.0
-            for p in range(pieces):
-                r0, r1 = _chunk(p, pieces, M)
-                d = scratch[p, 0, c] - m
-                m2 += scratch[p, 1, c]
-                dev += (r1 - r0) * d * d
-            v = (m2 + dev) / M
-            mean[c] = m
-            var[c] = v
-            rstd[c] = 1.0 / np.sqrt(v + eps)
+        counts = np.empty(pieces)
+        for p in range(pieces):
+            r0, r1 = _chunk(p, pieces, M)
+            counts[p] = r1 - r0
+        _merge_moments(scratch[:, 0, :], scratch[:, 1, :], counts, eps, mean, var, rstd)
     if write:
         mul = np.empty(C, dtype=x.dtype)
         sub = np.empty(C, dtype=x.dtype)
@@ -406,14 +432,10 @@ def channel_rows_backward(
     if reduce:
         for r in prange(R):
             scratch[0, r], scratch[1, r] = _grad_sums(dy[r], x[r], mean[r % channels], zero)
-        for c in range(channels):
-            sd = 0.0
-            sdx = 0.0
-            for n in range(batch):
-                sd += scratch[0, n * channels + c]
-                sdx += scratch[1, n * channels + c]
-            sum_dy[c] = sd
-            sum_dy_xhat[c] = sdx * rstd[c]
+        _merge_sums(
+            scratch[0].reshape(batch, channels), scratch[1].reshape(batch, channels),
+            rstd, sum_dy, sum_dy_xhat,
+        )
     if apply:
         a = np.empty(channels, dtype=x.dtype)
         bco = np.empty(channels, dtype=x.dtype)
@@ -464,14 +486,7 @@ def channel_cols_backward(
                 for c in range(C):
                     part_dy[c] += t1[c]
                     part_dyx[c] += t2[c]
-        for c in range(C):
-            sd = 0.0
-            sdx = 0.0
-            for p in range(pieces):
-                sd += scratch[p, 0, c]
-                sdx += scratch[p, 1, c]
-            sum_dy[c] = sd
-            sum_dy_xhat[c] = sdx * rstd[c]
+        _merge_sums(scratch[:, 0, :], scratch[:, 1, :], rstd, sum_dy, sum_dy_xhat)
     if apply:
         a = np.empty(C, dtype=x.dtype)
         bco = np.empty(C, dtype=x.dtype)
