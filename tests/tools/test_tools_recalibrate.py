@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import tempfile
 
@@ -145,7 +146,9 @@ def test_recalibrate_all_reduce_over_process_group():
     """Two gloo ranks with uneven shards == one process over the union of the batches."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "sd.pt")
-        # forkserver: fork is unsafe once the parent has used OpenMP threads (deadlock)
+        # forkserver: fork is unsafe once the parent has used OpenMP threads (deadlock);
+        # the server imports torch and normlab once, both workers fork from it
+        multiprocessing.set_forkserver_preload(["torch", "normlab.nn", "normlab.tools"])
         mp.start_processes(
             _dist_worker, args=(2, init_file, result_file), nprocs=2, start_method="forkserver"
         )
