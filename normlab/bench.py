@@ -54,8 +54,8 @@ class Case:
 
 
 def _cases(quick: bool) -> list[Case]:
-    resnet = [(4, 32, 8, 8), (2, 64, 4, 4)] if quick else RESNET
-    rows = [(16, 64), (4, 8, 96)] if quick else TRANSFORMER
+    resnet = [(4, 32, 8, 8)] if quick else RESNET
+    rows = [(4, 8, 96)] if quick else TRANSFORMER
     bn1d = [(16, 32), (4, 16, 10)] if quick else [(512, 1024), (64, 256, 100)]
     cases: list[Case] = []
     for s in resnet:
