@@ -1,0 +1,160 @@
+"""Running an experiment: budgets, the run cache, progress, and the report at the end.
+
+An experiment function receives a :class:`Context`, asks it for runs with
+:meth:`Context.run` (each stored in ``results.json`` as soon as it finishes, and reused
+when the same run is asked for again), draws its plots into ``ctx.out_dir`` and returns
+report sections; :func:`run_experiment` writes them to ``report.html``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normlab.experiments.data import Dataset, load_dataset
+from normlab.experiments.models import build
+from normlab.experiments.report import Section, Table, write_report
+from normlab.experiments.runs import ResultStore, TrainSpec, fit
+
+__all__ = ["Context", "ExperimentResult", "fmt_acc", "fmt_steps", "run_experiment"]
+
+# Quick mode (for tests and smoke runs): this many steps per run and at most this much data.
+QUICK_STEPS = 24
+QUICK_TRAIN, QUICK_TEST = 512, 256
+
+
+def fmt_acc(value: float | None) -> str:
+    """An accuracy as a percentage with one decimal (``-`` when missing)."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def fmt_steps(value: int | None, limit: int) -> str:
+    """Steps to reach a target, or ``> limit`` when it was not reached."""
+    return f"> {limit}" if value is None else str(value)
+
+
+@dataclass
+class Context:
+    """What an experiment needs: data, where to write, the budget, and the run cache."""
+
+    data: Dataset
+    out_dir: Path
+    store: ResultStore
+    quick: bool = False
+    budget: float = 1.0
+    seed: int = 0
+    progress: bool = True
+    echo: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
+    resume: bool = True
+
+    def spec(self, steps: int, eval_every: int = 25, **options: Any) -> TrainSpec:
+        """A :class:`TrainSpec` with ``steps`` scaled by the budget (or cut in quick mode)."""
+        n = QUICK_STEPS if self.quick else max(10, round(steps * self.budget))
+        every = max(1, n // 6) if self.quick else min(eval_every, n)
+        return TrainSpec(steps=n, eval_every=every, seed=self.seed, **options)
+
+    def pick(self, full: list[Any], quick: list[Any]) -> list[Any]:
+        """The sweep values to run: ``quick`` in quick mode, else ``full``."""
+        return quick if self.quick else full
+
+    def run(
+        self, key: str, model: dict[str, Any], spec: TrainSpec, *, probe: str | None = None
+    ) -> dict[str, Any]:
+        """Train ``model`` (a :func:`normlab.experiments.models.build` description) with
+        ``spec``, or return the stored result of the identical run; store it atomically."""
+        config = {
+            "data": self.data.describe(),
+            "model": model,
+            "train": spec.to_dict(),
+            "probe": probe,
+        }
+        cached = self.store.get(key, config) if self.resume else None
+        if cached is not None:
+            self.echo(f"  {key}: reused from {self.store.path.name}")
+            return cached
+        from tqdm.auto import tqdm
+
+        with tqdm(total=spec.steps, desc=key, leave=False, disable=not self.progress,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            result = fit(
+                lambda: build(model, self.data.image_shape, self.data.num_classes),
+                self.data,
+                spec,
+                flat=model["kind"] == "mlp",
+                probe=probe,
+                progress=bar,
+            )
+        self.store.put(key, config, result)
+        status = " (diverged)" if result["diverged"] else ""
+        self.echo(
+            f"  {key}: test accuracy {fmt_acc(result['final_test_acc'])}{status} "
+            f"in {result['seconds']:.1f} s"
+        )
+        return result
+
+    def path(self, name: str) -> Path:
+        """Where to write an output file of this experiment."""
+        return self.out_dir / name
+
+
+@dataclass
+class ExperimentResult:
+    """What an experiment returns: report sections, and a headline for the terminal."""
+
+    sections: list[Section]
+    summary: Table | None = None
+    headline: str = ""
+
+
+def run_experiment(
+    name: str,
+    out_dir: str | Path | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    quick: bool = False,
+    budget: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    resume: bool = True,
+    echo: Callable[[str], None] | None = None,
+    data: Dataset | None = None,
+) -> tuple[Path, ExperimentResult]:
+    """Run experiment ``name`` and write ``results.json``, PNGs and ``report.html``.
+
+    Returns the report path and the result. ``out_dir`` defaults to ``runs/<name>``.
+    """
+    from normlab.experiments.catalog import CATALOG
+    from normlab.experiments.registry import EXPERIMENTS
+
+    if name not in CATALOG:
+        raise ValueError(f"experiment must be one of {sorted(CATALOG)}, got {name!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0, got {budget}")
+    info = EXPERIMENTS[name]
+    out = Path(out_dir) if out_dir is not None else Path("runs") / name
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = load_dataset(data_dir)
+    if quick:
+        data = data.subset(QUICK_TRAIN, QUICK_TEST, seed=seed)
+    store = ResultStore(out / "results.json", name)
+    store.meta = {"title": info.title, "data": data.describe(), "quick": quick,
+                  "budget": budget, "seed": seed}
+    ctx = Context(data, out, store, quick=quick, budget=budget, seed=seed, progress=progress,
+                  resume=resume, **({"echo": echo} if echo is not None else {}))
+    ctx.echo(f"{name}: {info.title} on {data.describe()}")
+    start = time.perf_counter()
+    result = CATALOG[name](ctx)
+    store.save()
+    intro = [f"Claim: {info.claim}", f"Setup: {info.setup}", f"Data: {data.describe()}."]
+    if result.headline:
+        intro.append(f"Result: {result.headline}")
+    meta = (f"seed {seed}, budget {budget:g}{', quick' if quick else ''}, "
+            f"{time.perf_counter() - start:.0f} s")
+    report = write_report(out / "report.html", f"normlab experiment: {info.title}", intro,
+                          result.sections, meta=meta)
+    return report, result

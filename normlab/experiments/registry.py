@@ -1,0 +1,69 @@
+"""What each experiment claims and runs: plain metadata, cheap to import (no torch).
+
+The CLI builds its help text from this table; :mod:`normlab.experiments.catalog` holds
+the code, keyed by the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EXPERIMENTS", "ExperimentInfo"]
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """Name, title, the claim under test, and what is trained to test it."""
+
+    name: str
+    title: str
+    claim: str
+    setup: str
+
+
+EXPERIMENTS: dict[str, ExperimentInfo] = {
+    e.name: e
+    for e in [
+        ExperimentInfo(
+            "bn-paper",
+            "The BN paper's Figure 1",
+            "With BatchNorm a sigmoid MLP trains much faster, and the distribution of a "
+            "sigmoid's input stays stable instead of drifting during training.",
+            "MLP with 3 hidden layers of 100 sigmoid units, with and without BatchNorm; "
+            "SGD, batch 60. Plots test accuracy vs steps and the 15/50/85th percentiles of "
+            "one last-layer sigmoid input over training.",
+        ),
+        ExperimentInfo(
+            "learning-rate",
+            "Learning-rate sweep",
+            "BatchNorm lets a network train at learning rates that make the plain network "
+            "stall or diverge.",
+            "ReLU MLP (3 x 100), plain SGD, learning rates 0.01 .. 10, with and without "
+            "BatchNorm; final test accuracy vs learning rate.",
+        ),
+        ExperimentInfo(
+            "init",
+            "Weight-initialization sweep",
+            "BatchNorm makes training insensitive to the scale of the initial weights.",
+            "ReLU MLP (4 x 100), weights N(0, (scale * He std)^2) for scale 0.01 .. 100, "
+            "with and without BatchNorm; final test accuracy vs scale.",
+        ),
+        ExperimentInfo(
+            "batch-size",
+            "Batch-size sweep (the GroupNorm paper's Figure 1)",
+            "BatchNorm degrades at small batches, where GroupNorm, LayerNorm and "
+            "InstanceNorm, which do not average over the batch, do not.",
+            "Small CNN (3 conv blocks) with BatchNorm / GroupNorm / LayerNorm / "
+            "InstanceNorm, batch sizes 2 .. 64 at a fixed number of epochs and a "
+            "learning rate scaled linearly with the batch; test error vs batch size.",
+        ),
+        ExperimentInfo(
+            "placement",
+            "Where BatchNorm goes",
+            "BatchNorm belongs between the affine layer and its activation; on the input "
+            "or output layer it helps less or hurts.",
+            "ReLU MLP (3 x 100): no norm; BN before the activation; BN after it; BN before "
+            "plus BN on the inputs; BN before plus BN on the logits. Accuracy vs steps.",
+        ),
+    ]
+}
