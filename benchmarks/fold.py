@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["torch", "normlab"], default="torch")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="input height = width")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC model and input")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -97,6 +98,12 @@ def main() -> None:
     pairs = find_foldable(model)
     folded = fold_batchnorm(model)
     x = torch.randn(batch, 3, size, size)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model, folded, x = (
+        model.to(memory_format=fmt),
+        folded.to(memory_format=fmt),
+        x.to(memory_format=fmt),
+    )
 
     with torch.inference_mode():
         diff = (folded(x) - model(x)).abs().max().item()
@@ -112,7 +119,10 @@ def main() -> None:
         t_copy = statistics.median(_time(lambda _: dst.copy_(src), src) for _ in range(5))
 
     med_ref, med_fold = statistics.median(t_ref), statistics.median(t_fold)
-    print(f"threads={args.threads} backend={args.backend} input=({batch}, 3, {size}, {size})")
+    layout = "channels_last" if args.channels_last else "contiguous"
+    print(
+        f"threads={args.threads} backend={args.backend} input=({batch}, 3, {size}, {size}) {layout}"
+    )
     print(f"folded pairs: {len(pairs)} (BatchNorms replaced by Identity)")
     print(f"max |diff| folded vs unfolded: {diff:.2e}")
     print(f"bandwidth reference (64 MiB copy_): {2 * src.numel() * 4 / t_copy / 1e9:.1f} GB/s")
