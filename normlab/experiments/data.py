@@ -240,6 +240,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
     }
 
     def find_class(self, module: str, name: str) -> object:

@@ -1,0 +1,199 @@
+"""Loaders on small files written in the real formats, including corrupt ones."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normlab.experiments.data import (
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_mnist,
+    read_idx,
+)
+
+IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D,
+             np.float64: 0x0E}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of ``array``, written from the format's description."""
+    header = struct.pack(">BBBB", 0, 0, IDX_CODES[array.dtype.type], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_mnist(directory: Path, n_train: int = 6, n_test: int = 4, gz: bool = False,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        data = idx_bytes(a)
+        if gz:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (directory / name).write_bytes(data)
+    return arrays
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+        np.array([-3, 0, 7], dtype=np.int8),
+        np.array([[-300, 2], [5, 32000]], dtype=np.int16),
+        np.array([1, -(2**31), 2**31 - 1], dtype=np.int32),
+        np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
+        np.array([np.pi, -np.e], dtype=np.float64),
+    ],
+    ids=lambda a: f"{a.dtype}-{a.ndim}d",
+)
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_read_idx_round_trip(tmp_path: Path, array: np.ndarray, gz: bool) -> None:
+    data = idx_bytes(array)
+    path = tmp_path / ("a.idx.gz" if gz else "a.idx")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    out = read_idx(path)
+    assert out.shape == array.shape and out.dtype == array.dtype
+    np.testing.assert_array_equal(out, array)
+
+
+GOOD = idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4))
+CORRUPT = {
+    "empty": (b"", "truncated IDX file"),
+    "bad-magic": (b"\x12\x34" + GOOD[2:], "not an IDX file"),
+    "bad-type": (b"\x00\x00\x07\x02" + GOOD[4:], "not an IDX file"),
+    "short-header": (GOOD[:9], "truncated IDX header"),
+    "short-data": (GOOD[:-1], "truncated IDX data"),
+    "trailing": (GOOD + b"\x00\x00", "unexpected trailing bytes"),
+    "bad-gzip": (gzip.compress(GOOD)[:-12], "gzip"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPT))
+def test_read_idx_rejects_corrupt_files(tmp_path: Path, name: str) -> None:
+    data, message = CORRUPT[name]
+    path = tmp_path / f"{name}.idx"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=message) as info:
+        read_idx(path)
+    assert str(path) in str(info.value)  # the error names the file
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_load_mnist(tmp_path: Path, gz: bool) -> None:
+    arrays = write_mnist(tmp_path / "mnist", gz=gz)
+    data = load_mnist(tmp_path / "mnist")
+    assert data.x_train.shape == (6, 1, 28, 28) and data.x_test.shape == (4, 1, 28, 28)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    expected = arrays["train-images-idx3-ubyte"][:, None].astype(np.float32) / 255
+    np.testing.assert_allclose(data.x_train.numpy(), expected, rtol=1e-6)
+    np.testing.assert_array_equal(data.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert load_dataset(tmp_path / "mnist").name == "mnist"
+
+
+def test_load_mnist_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="missing IDX file"):
+        load_mnist(tmp_path)
+    arrays = write_mnist(tmp_path / "m")
+    (tmp_path / "m" / "t10k-labels-idx1-ubyte").write_bytes(
+        idx_bytes(arrays["t10k-labels-idx1-ubyte"][:3]))
+    with pytest.raises(ValueError, match="has 4 images but .* has 3 labels"):
+        load_mnist(tmp_path / "m")
+    path = tmp_path / "m" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte: truncated IDX data"):
+        load_mnist(tmp_path / "m")
+
+
+def cifar_batch(n: int, rng: np.random.Generator) -> dict[bytes, object]:
+    """A batch as the official Python-2 pickles hold it: bytes keys, uint8 [n, 3072]."""
+    return {
+        b"batch_label": b"testing batch",
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": [int(v) for v in rng.integers(0, 10, n)],
+        b"filenames": [b"img.png"] * n,
+    }
+
+
+def write_cifar(directory: Path, n: int = 3) -> dict[str, dict[bytes, object]]:
+    rng = np.random.default_rng(1)
+    directory.mkdir(parents=True)
+    batches = {name: cifar_batch(n, rng)
+               for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]}
+    for name, batch in batches.items():
+        (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return batches
+
+
+def test_load_cifar10(tmp_path: Path) -> None:
+    batches = write_cifar(tmp_path / "cifar-10-batches-py")
+    data = load_dataset(tmp_path)  # finds the cifar-10-batches-py child
+    assert data.name == "cifar10" and data.num_classes <= 10
+    assert data.x_train.shape == (15, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32)
+    # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major 32 x 32.
+    row = batches["data_batch_2"][b"data"][1]
+    assert data.x_train[4, 1, 2, 5] == pytest.approx(row[1024 + 2 * 32 + 5] / 255)
+    assert data.y_test.tolist() == batches["test_batch"][b"labels"]
+
+
+class Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (lambda good: good[: len(good) // 2], "not a readable CIFAR-10 python batch"),
+        (lambda good: pickle.dumps([1, 2, 3]), "expected a pickled dict"),
+        (lambda good: pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}),
+         r"must have shape \[n, 3072\]"),
+        (lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}),
+         "2 images but 1 labels"),
+        (lambda good: pickle.dumps({b"data": Evil(), b"labels": []}), "refusing to load"),
+    ],
+    ids=["truncated", "not-dict", "bad-shape", "label-count", "code"],
+)
+def test_load_cifar10_rejects_bad_batches(tmp_path: Path, payload, message: str) -> None:
+    write_cifar(tmp_path / "c")
+    path = tmp_path / "c" / "data_batch_3"
+    path.write_bytes(payload(path.read_bytes()))
+    with pytest.raises(ValueError, match=message) as info:
+        load_cifar10(tmp_path / "c")
+    assert "data_batch_3" in str(info.value)
+
+
+def test_load_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="found neither MNIST"):
+        load_dataset(tmp_path)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_dataset(tmp_path / "missing")
+
+
+def test_digits_split_is_stratified_and_seeded() -> None:
+    data = load_digits()
+    assert data.x_train.shape[1:] == (1, 8, 8) and data.num_classes == 10
+    assert len(data.y_train) + len(data.y_test) == 1797
+    assert float(data.x_train.min()) == 0.0 and float(data.x_train.max()) == 1.0
+    counts = torch.bincount(data.y_test, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38  # ~20% of each class's ~180 images
+    again = load_digits()
+    assert torch.equal(data.y_test, again.y_test) and torch.equal(data.x_train, again.x_train)
+    sub = data.subset(100, 50, seed=3)
+    assert len(sub.y_train) == 100 and len(sub.y_test) == 50
