@@ -261,6 +261,11 @@ def _small_model() -> nn.Module:
     )
 
 
+def test_backends_are_imported_with_the_package() -> None:
+    # Importing a backend lazily inside torch.compile's tracing would break the graph.
+    assert ops._loaded.get("cpu") is cpu
+
+
 def test_compile_fullgraph_has_no_graph_break() -> None:
     torch.manual_seed(0)
     model, reference = _small_model(), _small_model()
