@@ -87,3 +87,8 @@ def resolve(x: Tensor, backend: str | None = None) -> ModuleType:
         if module is not None and module.supports(x):
             return module
     raise RuntimeError("the composite torch backend failed to import")  # pragma: no cover
+
+
+# Import the backends with the package: a first import from inside torch.compile's tracing
+# would be a graph break (fullgraph=True raises on it).
+available()
