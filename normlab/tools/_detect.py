@@ -83,13 +83,33 @@ def is_norm(module: nn.Module) -> bool:
     return False
 
 
-def fused_activation(module: nn.Module) -> nn.Module | None:
-    """The activation (and dropout) a fused norm+act layer applies after normalizing, else None.
+# Activations of normlab's fused layers, named by string (``act``/``slope`` on BatchNormAct*d,
+# SyncBatchNormAct, FrozenBatchNorm*d; ``activation``/``activation_param`` on InPlaceABN).
+_ACTIVATIONS = {
+    "identity": lambda p: None,
+    "relu": lambda p: nn.ReLU(),
+    "leaky_relu": lambda p: nn.LeakyReLU(p),
+    "silu": lambda p: nn.SiLU(),
+    "gelu": lambda p: nn.GELU(),
+    "elu": lambda p: nn.ELU(p),
+}
 
-    Follows timm's ``BatchNormAct2d`` layout (``drop`` then ``act`` attributes), which
-    normlab's fused layers share.
+
+def fused_activation(module: nn.Module) -> nn.Module | None:
+    """The activation a fused norm+act layer applies after normalizing, as a module, else None.
+
+    Understands normlab's fused layers (activation named by a string) and timm's layout
+    (``drop`` then ``act`` submodules). Raises ValueError for an activation it cannot
+    rebuild (the caller must then leave the layer alone).
     """
     act = getattr(module, "act", None)
+    param = getattr(module, "slope", 0.01)
+    if act is None and isinstance(getattr(module, "activation", None), str):
+        act, param = module.activation, getattr(module, "activation_param", 0.01)
+    if isinstance(act, str):
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unknown fused activation {act!r} of {type(module).__name__}")
+        return _ACTIVATIONS[act](float(param))
     if not isinstance(act, nn.Module):
         return None
     drop = getattr(module, "drop", None)

@@ -139,12 +139,19 @@ def _replace(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None])
     return visit(model, "")
 
 
-def _delegate(name: str, target: str) -> Callable[..., nn.Module]:
+def _delegate(name: str, module: str, target: str) -> Callable[..., nn.Module]:
+    import importlib
+
     import normlab
     import normlab.nn
 
-    # re-exported at the top level, or still only in normlab.nn
+    # re-exported at the top level, or in normlab.nn, or still only in its own module
     fn = getattr(normlab, name, None) or getattr(normlab.nn, name, None)
+    if fn is None:
+        try:
+            fn = getattr(importlib.import_module(f"normlab.nn.{module}"), name, None)
+        except ImportError:
+            fn = None
     if fn is None:
         raise NotImplementedError(
             f"convert(to={target!r}) delegates to normlab.{name}, which this normlab does not "
@@ -185,7 +192,11 @@ def convert(
     if kwargs and to not in ("sync", "frozen"):
         raise TypeError(f"convert(to={to!r}) takes no extra arguments, got {sorted(kwargs)}")
     if to in ("sync", "frozen"):
-        fn = _delegate("convert_sync_batchnorm" if to == "sync" else "freeze_batch_norm", to)
+        fn = (
+            _delegate("convert_sync_batchnorm", "syncbatchnorm", to)
+            if to == "sync"
+            else _delegate("freeze_batch_norm", "frozen", to)
+        )
         return fn(model if inplace else copy.deepcopy(model), **kwargs)
     if not inplace:
         model = copy.deepcopy(model)

@@ -189,6 +189,10 @@ def find_foldable(model: nn.Module) -> list[tuple[str, str]]:
             continue  # no running statistics: eval uses the batch's, nothing to fold
         if bn.running_mean.shape != (_out_channels(layer),):
             continue
+        try:
+            fused_activation(bn)
+        except ValueError:
+            continue  # an activation we cannot rebuild: keep the layer
         result.append((layer_name, bn_name))
     return result
 

@@ -120,17 +120,27 @@ def test_groupnorm_bad_groups_and_bad_target():
         convert(model, to="torch", process_group=None)
 
 
-def _delegate(name: str):
-    return getattr(normlab, name, None) or getattr(nlnn, name, None)
+def _delegate(name: str, module: str):
+    import importlib
+
+    found = getattr(normlab, name, None) or getattr(nlnn, name, None)
+    try:
+        return found or getattr(importlib.import_module(f"normlab.nn.{module}"), name, None)
+    except ImportError:
+        return None
 
 
 @pytest.mark.parametrize(
-    "to,fn_name", [("sync", "convert_sync_batchnorm"), ("frozen", "freeze_batch_norm")]
+    "to,fn_name,module",
+    [
+        ("sync", "convert_sync_batchnorm", "syncbatchnorm"),
+        ("frozen", "freeze_batch_norm", "frozen"),
+    ],
 )
-def test_sync_and_frozen_delegate(to, fn_name):
+def test_sync_and_frozen_delegate(to, fn_name, module):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
     _randomize(model[1])
-    if _delegate(fn_name) is None:
+    if _delegate(fn_name, module) is None:
         with pytest.raises(NotImplementedError, match=fn_name):
             convert(model, to=to)
         return

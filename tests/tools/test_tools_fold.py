@@ -17,6 +17,20 @@ from normlab.tools._detect import is_batchnorm
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+def _normlab_layer(name: str, module: str):
+    """A normlab layer by name, from ``normlab.nn`` or (until re-exported) its module."""
+    import importlib
+
+    cls = getattr(nlnn, name, None)
+    if cls is None:
+        try:
+            cls = getattr(importlib.import_module(f"normlab.nn.{module}"), name, None)
+        except ImportError:
+            cls = None
+    return cls
+
+
 BN = {
     ("torch", 1): nn.BatchNorm1d,
     ("torch", 2): nn.BatchNorm2d,
@@ -185,8 +199,9 @@ class _FrozenBatchNorm2d(nn.Module):
 
 def _frozen_classes() -> list:
     classes = [_FrozenBatchNorm2d]
-    if hasattr(nlnn, "FrozenBatchNorm2d"):
-        classes.append(nlnn.FrozenBatchNorm2d)
+    frozen = _normlab_layer("FrozenBatchNorm2d", "frozen")
+    if frozen is not None:
+        classes.append(frozen)
     return classes
 
 
@@ -209,13 +224,42 @@ def _randomize_bn_buffers(bn: nn.Module) -> None:
         bn.bias.copy_(torch.randn(c, generator=gen))
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU(), nn.Identity()], ids=["relu", "silu", "id"])
-def test_fold_keeps_fused_activation(act):
-    bn = _BatchNormAct2d(6, act)
-    _randomize_bn(bn, torch.Generator().manual_seed(2))
+def _fused_cases() -> list:
+    """(id, factory of a fused BN+act over 6 channels, type of the activation kept)."""
+    cases = [
+        ("timm-relu", lambda: _BatchNormAct2d(6, nn.ReLU()), nn.ReLU),
+        ("timm-silu", lambda: _BatchNormAct2d(6, nn.SiLU()), nn.SiLU),
+        ("timm-identity", lambda: _BatchNormAct2d(6, nn.Identity()), nn.Identity),
+    ]
+    bn_act = _normlab_layer("BatchNormAct2d", "act")
+    if bn_act is not None:
+        cases += [
+            ("normlab-relu", lambda: bn_act(6, act="relu"), nn.ReLU),
+            ("normlab-leaky", lambda: bn_act(6, act="leaky_relu", slope=0.2), nn.LeakyReLU),
+            ("normlab-gelu", lambda: bn_act(6, act="gelu"), nn.GELU),
+            ("normlab-identity", lambda: bn_act(6, act="identity"), nn.Identity),
+        ]
+    abn = _normlab_layer("InPlaceABN", "inplace_abn")
+    if abn is not None:
+        cases.append(
+            ("inplace-abn-elu", lambda: abn(6, activation="elu", activation_param=0.5), nn.ELU)
+        )
+    frozen = _normlab_layer("FrozenBatchNorm2d", "frozen")
+    if frozen is not None:
+        cases.append(("frozen-leaky", lambda: frozen(6, act="leaky_relu", slope=0.1), nn.LeakyReLU))
+    return cases
+
+
+FUSED = _fused_cases()
+
+
+@pytest.mark.parametrize("name,factory,act_type", FUSED, ids=[c[0] for c in FUSED])
+def test_fold_keeps_fused_activation(name, factory, act_type):
+    bn = factory()
+    _randomize_bn_buffers(bn)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), bn)
     folded = _check_fold(model, torch.randn(2, 3, 6, 6) * 3, 1)
-    assert type(folded[1]) is type(act)
+    assert type(folded[1]) is act_type
 
 
 def test_fold_requires_eval_mode():
