@@ -7,12 +7,25 @@ synchronized), a functional API, a readable NumPy float64 reference
 (``normlab.tools``: fold, recalibrate, convert, Keras conventions; ``normlab.inspect``).
 """
 
-from normlab import functional
+from normlab import functional, inspect, tools
 from normlab.nn import *  # noqa: F403 - the layers are the package's public face
 from normlab.nn import __all__ as _layers
 from normlab.ops import available as available_backends
 from normlab.ops import use_backend
+from normlab.tools import fold_batchnorm, fold_weights, from_keras, recalibrate, to_keras
 
 __version__ = "0.1.0"
 
-__all__ = [*_layers, "functional", "use_backend", "available_backends"]
+__all__ = [
+    *_layers,
+    "functional",
+    "inspect",
+    "tools",
+    "use_backend",
+    "available_backends",
+    "fold_batchnorm",
+    "fold_weights",
+    "recalibrate",
+    "from_keras",
+    "to_keras",
+]
