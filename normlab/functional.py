@@ -37,10 +37,35 @@ def _spatial_size(input: Tensor) -> int:
     return math.prod(input.shape[2:])
 
 
-def _check_channel_params(input: Tensor, what: str, **params: Tensor | None) -> None:
-    channels = input.shape[1]
+def _check_channel_params(input: Tensor, **params: Tensor | None) -> None:
     for name, value in params.items():
-        _checks.check_vector(value, name, channels, what)
+        _checks.check_vector(value, name, input.shape[1], "channels of input (dim 1)")
+
+
+def _check_per_channel_args(
+    input: Tensor,
+    min_dim: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    needs_running: str | None,
+) -> None:
+    """Checks shared by batch_norm and instance_norm; ``needs_running`` names the flag
+    that makes the running statistics mandatory (``None`` when they are optional)."""
+    _checks.check_tensor(input)
+    _checks.check_min_dim(input, min_dim, "[N, C, *S]")
+    _checks.check_eps(eps)
+    _checks.check_momentum(momentum, allow_none=False)
+    _check_channel_params(
+        input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if needs_running and running_mean is None:
+        raise ValueError(f"running_mean and running_var are required when {needs_running}")
 
 
 @torch.no_grad()
@@ -104,18 +129,10 @@ def batch_norm(
     ``running_var`` in place (``momentum`` is the weight of the new batch: Keras'
     ``momentum=0.99`` is ``momentum=0.01`` here). Otherwise it uses the running ones.
     """
-    _checks.check_tensor(input)
-    _checks.check_min_dim(input, 2, "[N, C, *]")
-    _checks.check_eps(eps)
-    _checks.check_momentum(momentum, allow_none=False)
-    _check_channel_params(
-        input, "channels of input (dim 1)",
-        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    _check_per_channel_args(
+        input, 2, running_mean, running_var, weight, bias, momentum, eps,
+        needs_running=None if training else "training=False",
     )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
     n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
     if training:
         _checks.check_values_per_channel(input)
@@ -147,18 +164,10 @@ def instance_norm(
     With ``use_input_stats`` and running buffers, those are updated (in place) with the
     per-instance statistics averaged over the batch, as torch does.
     """
-    _checks.check_tensor(input)
-    _checks.check_min_dim(input, 3, "[N, C, *S]")
-    _checks.check_eps(eps)
-    _checks.check_momentum(momentum, allow_none=False)
-    _check_channel_params(
-        input, "channels of input (dim 1)",
-        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    _check_per_channel_args(
+        input, 3, running_mean, running_var, weight, bias, momentum, eps,
+        needs_running=None if use_input_stats else "use_input_stats=False",
     )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
-    if not use_input_stats and running_mean is None:
-        raise ValueError("running_mean and running_var are required when use_input_stats=False")
     n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
     if use_input_stats and spatial == 1:
         raise ValueError(
@@ -201,7 +210,7 @@ def group_norm(
         raise ValueError(
             f"num_groups ({num_groups}) must divide the number of channels of input ({channels})"
         )
-    _check_channel_params(input, "channels of input (dim 1)", weight=weight, bias=bias)
+    _check_channel_params(input, weight=weight, bias=bias)
     x4 = input.reshape(n, num_groups, channels // num_groups, spatial)
     y4, _, _ = ops.resolve(input, backend).normalize(
         x4, weight, bias, per_sample=True, center=True, eps=eps
