@@ -81,9 +81,14 @@ def check_vector(value: Tensor | None, name: str, size: int, what: str) -> None:
         )
 
 
+def one_value_per_channel(input: Tensor) -> bool:
+    """Whether a non-empty ``[N, C, *S]`` batch holds a single value per channel."""
+    return input.numel() > 0 and input.numel() // input.shape[1] == 1
+
+
 def check_values_per_channel(input: Tensor) -> None:
     """BatchNorm training needs more than one value per channel (torch's condition)."""
-    if input.numel() and input.numel() // input.shape[1] == 1:
+    if one_value_per_channel(input):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
         )

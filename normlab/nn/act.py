@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+from normlab import _checks
+from normlab.nn.batchnorm import BatchNormBase
 from normlab.nn.normalization import GroupNorm, LayerNorm
 from normlab.ops.fused_act import activation, batch_norm_act, check_activation
 
@@ -70,7 +71,7 @@ class BatchNormActBase(_ActMixin, BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or self._stats_frozen(input) or _one_value_per_channel(input):
+        if not self.training or self._stats_frozen(input) or _checks.one_value_per_channel(input):
             return activation(super().forward(input), self.act, self.slope)
         factor = self._average_factor()
         track = self.track_running_stats

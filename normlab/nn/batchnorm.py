@@ -14,10 +14,6 @@ from normlab.nn.base import NormBase
 SMALL_BATCH_POLICIES = ("error", "running", "skip_update")
 
 
-def _one_value_per_channel(input: Tensor) -> bool:
-    return input.numel() > 0 and input.numel() // input.shape[1] == 1
-
-
 class BatchNormBase(NormBase):
     """Batch Normalization (Ioffe & Szegedy, 2015) over ``input [N, C, *S]``.
 
@@ -68,7 +64,7 @@ class BatchNormBase(NormBase):
         if not (self.training and self.running_mean is not None):
             return False
         return self.freeze_stats or (
-            self.small_batch == "running" and _one_value_per_channel(input)
+            self.small_batch == "running" and _checks.one_value_per_channel(input)
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -99,7 +95,7 @@ class BatchNormBase(NormBase):
                 input, self.running_mean, self.running_var, self.weight, self.bias,
                 False, 0.0, self.eps,
             )
-        if self.training and _one_value_per_channel(input):  # small_batch="skip_update"
+        if self.training and _checks.one_value_per_channel(input):  # small_batch="skip_update"
             y4, _, _ = ops.resolve(input).normalize(
                 input.reshape(1, -1, 1, 1), self.weight, self.bias,
                 per_sample=False, center=True, eps=self.eps,

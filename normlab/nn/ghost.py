@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from normlab import _checks, ops
-from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+from normlab.nn.batchnorm import BatchNormBase
 
 __all__ = ["GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "RUNNING_UPDATES"]
 
@@ -94,7 +94,7 @@ class GhostBatchNormBase(BatchNormBase):
             not self.training
             or input.shape[0] <= vbs
             or self._stats_frozen(input)
-            or _one_value_per_channel(input)
+            or _checks.one_value_per_channel(input)
         ):
             return super().forward(input)  # one virtual batch is plain BatchNorm
         chunks = input.split(vbs)

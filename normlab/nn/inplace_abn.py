@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
+from normlab import _checks, ops
 from normlab import functional as F
-from normlab import ops
-from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+from normlab.nn.batchnorm import BatchNormBase
 from normlab.ops.fused_act import activation as _activation
 
 __all__ = ["InPlaceABN", "ABN_ACTIVATIONS"]
@@ -163,7 +163,7 @@ class InPlaceABN(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or self._stats_frozen(input) or _one_value_per_channel(input):
+        if not self.training or self._stats_frozen(input) or _checks.one_value_per_channel(input):
             return _activation(super().forward(input), self.activation, self.activation_param)
         if self.weight is not None and bool((self.weight == 0).any()):
             raise ValueError(

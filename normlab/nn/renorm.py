@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normlab import _checks, ops
 from normlab import functional as F
-from normlab import ops
-from normlab.nn.batchnorm import BatchNormBase, _one_value_per_channel
+from normlab.nn.batchnorm import BatchNormBase
 
 __all__ = [
     "BatchRenormBase",
@@ -87,7 +87,7 @@ class BatchRenormBase(BatchNormBase):
             not self.training
             or self.running_mean is None
             or self._stats_frozen(input)
-            or _one_value_per_channel(input)
+            or _checks.one_value_per_channel(input)
         ):
             return super().forward(input)
         factor = self._average_factor()
