@@ -30,7 +30,7 @@ model = nn.Sequential(
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 loss_fn = nn.CrossEntropyLoss()
 
-for epoch in range(1, 11):
+for epoch in range(1, 7):
     model.train()  # BatchNorm uses batch statistics and updates its running estimates
     for batch in train[torch.randperm(len(train))].split(64):
         loss = loss_fn(model(x[batch]), y[batch])
