@@ -1,6 +1,7 @@
 """The ``normlab`` command line: demo, experiments, figures and benchmarks.
 
-Heavy imports (torch, matplotlib) happen inside the commands, so ``--help`` is instant.
+Each command imports what it needs (matplotlib, scikit-learn, the experiments) when it
+runs, so ``--help`` stays quick.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+from normlab import __version__
 from normlab.experiments.registry import EXPERIMENTS
 
 __all__ = ["main"]
@@ -57,7 +59,7 @@ def _echo_err(message: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="normlab", message="normlab %(version)s")
+@click.version_option(version=__version__, prog_name="normlab")
 def main() -> None:
     """normlab: Batch Normalization and its family, with a lab to see what they do.
 

@@ -98,3 +98,10 @@ def test_bench_missing_module(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "normlab.bench", None)  # makes the import fail
     result = CliRunner().invoke(main, ["bench"])
     assert result.exit_code == 2 and "normlab.bench is not available" in result.output
+
+
+def test_version() -> None:
+    import normlab
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and normlab.__version__ in result.output
