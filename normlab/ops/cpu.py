@@ -54,6 +54,30 @@ import numpy as np  # noqa: E402
 if not numba.config.CACHE_DIR:  # numba was imported before us: configure it directly
     numba.config.CACHE_DIR = _CACHE_DIR
 
+# numba's OpenMP layer links the system libgomp, a second OpenMP runtime beside the one
+# torch bundles. Its idle threads spin (GOMP's default) on the cores torch's threads need
+# next, and vice versa; on a loaded machine a spinning pool costs whole scheduler time
+# slices (tens of ms) per call. libgomp reads OMP_WAIT_POLICY once, when it is loaded:
+# start numba's pool now with a passive (sleeping) policy, then restore the environment,
+# so torch's runtime and child processes keep theirs. NORMLAB_OMP_WAIT_POLICY chooses the
+# policy ("keep": numba's default); an OMP_WAIT_POLICY set by the user always wins.
+WAIT_POLICY_VAR = "NORMLAB_OMP_WAIT_POLICY"
+
+
+def _start_numba_threads() -> None:
+    policy = os.environ.get(WAIT_POLICY_VAR, "PASSIVE").strip()
+    if "OMP_WAIT_POLICY" in os.environ or policy.lower() in ("", "keep"):
+        numba.get_num_threads()
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy
+    try:
+        numba.get_num_threads()  # loads the threading layer (and its libgomp) now
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+_start_numba_threads()
+
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
