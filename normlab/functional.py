@@ -87,11 +87,18 @@ def update_running_stats(
     if count == 0:
         return  # an empty batch carries no statistics; torch leaves the buffers as they are
     unbiased = batch_var * (count / (count - 1)) if count > 1 else batch_var
-    finite = torch.isfinite(batch_mean) & torch.isfinite(unbiased)
+    finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(unbiased))
+    compiling = torch.compiler.is_compiling()
+    if not compiling and running_mean.dtype == batch_mean.dtype and bool(finite.all()):
+        # The common case, in as few small ops as possible: lerp_ is exactly
+        # (1 - momentum) * running + momentum * batch.
+        running_mean.lerp_(batch_mean, momentum)
+        running_var.lerp_(unbiased, momentum)
+        return
     work = batch_mean.dtype
     new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
     new_var = running_var.to(work) * (1 - momentum) + unbiased * momentum
-    if torch.compiler.is_compiling():
+    if compiling:
         # No data-dependent branch under torch.compile (it would break the graph): guard
         # unconditionally, without the warning.
         running_mean.copy_(torch.where(finite, new_mean, running_mean.to(work)))
