@@ -304,6 +304,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NUMBA_THREADING_LAYER",
+             "NUMBA_NUM_THREADS", "NORMLAB_OMP_WAIT_POLICY")
+
+
+def threading_info() -> str:
+    """The thread runtimes this run used: numba's layer and the OpenMP-related environment
+    (they change the timings a lot on a loaded machine; see docs/backends.md)."""
+    parts = []
+    try:
+        import numba
+
+        numba.get_num_threads()  # make sure the layer is loaded before asking which
+        parts.append(f"numba layer {numba.threading_layer()}")
+    except (ImportError, ValueError):
+        parts.append("numba layer none")
+    try:
+        from normlab.ops import cpu
+
+        parts.append(f"numba OMP_WAIT_POLICY {cpu.numba_wait_policy()}")
+    except ImportError:
+        pass
+    env = ", ".join(f"{k}={os.environ[k]}" for k in _OMP_VARS if k in os.environ)
+    parts.append(f"environment: {env or 'no OpenMP variables set'}")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0, or 1 if normlab's results disagree with torch's."""
     args = parse_args(argv)
@@ -323,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{normlab.ops.resolve(torch.empty(1)).NAME}; float32; median of {reps} interleaved "
           f"runs after {warmup} warm-up; compile backend: {compile_backend}")
     print(f"# copy_ bandwidth: {copy_gbs:.1f} GB/s (read + write)")
+    print(f"# threading: {threading_info()}")
     rows: list[Row] = []
     problems: list[str] = []
     for case in cases:

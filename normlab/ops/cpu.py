@@ -64,16 +64,27 @@ if not numba.config.CACHE_DIR:  # numba was imported before us: configure it dir
 WAIT_POLICY_VAR = "NORMLAB_OMP_WAIT_POLICY"
 
 
+_wait_policy = "default"
+
+
+def numba_wait_policy() -> str:
+    """The OMP_WAIT_POLICY numba's OpenMP pool started with (``"default"``: GOMP's)."""
+    return _wait_policy
+
+
 def _start_numba_threads() -> None:
+    global _wait_policy
     policy = os.environ.get(WAIT_POLICY_VAR, "PASSIVE").strip()
     if "OMP_WAIT_POLICY" in os.environ or policy.lower() in ("", "keep"):
         numba.get_num_threads()
+        _wait_policy = os.environ.get("OMP_WAIT_POLICY", "default")
         return
     os.environ["OMP_WAIT_POLICY"] = policy
     try:
         numba.get_num_threads()  # loads the threading layer (and its libgomp) now
     finally:
         del os.environ["OMP_WAIT_POLICY"]
+    _wait_policy = policy
 
 
 _start_numba_threads()

@@ -11,6 +11,7 @@ def test_quick_benchmark_runs_and_agrees_with_torch(capsys: pytest.CaptureFixtur
     assert bench.main(["--quick", "--markdown", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "copy_ bandwidth" in out and "2 threads" in out
+    assert "# threading: numba layer " in out and "OMP_WAIT_POLICY" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     layers = {line.split("|")[1].strip() for line in table[1:]}
     assert {"BatchNorm2d", "BatchNorm2d-CL", "BatchNorm1d", "GroupNorm", "InstanceNorm2d",

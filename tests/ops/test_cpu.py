@@ -370,3 +370,16 @@ def test_second_process_loads_kernels_from_the_disk_cache() -> None:
     # The default cache lives in the user's cache dir, not next to the installed sources.
     assert Path(first["dir"]).parts[-2:] == ("normlab", "numba")
     assert list(Path(first["dir"]).rglob("*rows_forward*.nbi"))
+
+
+def test_numba_pool_started_passive_without_changing_the_environment() -> None:
+    # The policy applies to numba's OpenMP runtime only: the environment torch and child
+    # processes see is unchanged (unless the user set OMP_WAIT_POLICY, which then wins).
+    import os
+
+    if "OMP_WAIT_POLICY" in os.environ:
+        assert cpu.numba_wait_policy() == os.environ["OMP_WAIT_POLICY"]
+    else:
+        expected = os.environ.get(cpu.WAIT_POLICY_VAR, "PASSIVE")
+        assert cpu.numba_wait_policy() == ("default" if expected == "keep" else expected)
+        assert "OMP_WAIT_POLICY" not in os.environ
