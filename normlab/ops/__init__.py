@@ -85,7 +85,8 @@ def resolve(x: Tensor, backend: str | None = None) -> ModuleType:
     for candidate in candidates:
         module = _load(candidate)
         if module is not None and module.supports(x):
-            return module
+            # A backend may refine "auto" per operation (normlab.ops.cpu.AUTO).
+            return getattr(module, "AUTO", module) if name == "auto" else module
     raise RuntimeError("the composite torch backend failed to import")  # pragma: no cover
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 
@@ -760,3 +761,112 @@ def backward_apply(
         return torch.ops.normlab.backward_apply(*args)
     sums = (sum_dy, sum_dy_xhat)
     return _channel_backward_impl(dy4, x4, mean, rstd, weight, sums, count, True)[2]
+
+
+# ---------------------------------------------------------------------------------------
+# "auto" on CPU: the kernels, except where torch's own native kernels measured faster.
+
+
+def _same_dtype(x: Tensor, *params: Tensor | None) -> bool:
+    return x.dtype in (torch.float32, torch.float64) and all(
+        p is None or p.dtype == x.dtype for p in params
+    )
+
+
+def native_route(
+    x4: Tensor, weight: Tensor | None, bias: Tensor | None, per_sample: bool, center: bool
+) -> str | None:
+    """Which torch native kernel ``"auto"`` uses for a train-mode ``normalize`` of ``x4``
+    (``"layer_norm"``, ``"group_norm"``), or ``None`` for the numba kernels.
+
+    LayerNorm (``x4 [rows, 1, F, 1]``) and GroupNorm (``K > 1``, ``S > 1``) are memory
+    bound and torch's native kernels already reach the copy bandwidth there, with less
+    per-call cost than the kernels' Python wrapper (``normlab bench``: 0.7-1.0x). Only
+    float32/float64 with parameters of the input's dtype, and non-empty inputs.
+    """
+    if not per_sample or not center or x4.numel() == 0 or not _same_dtype(x4, weight, bias):
+        return None
+    _, g, k, s = x4.shape
+    if g == 1 and s == 1:
+        return "layer_norm"
+    if k > 1 and s > 1:
+        return "group_norm"
+    return None
+
+
+def _native_normalize(
+    route: str,
+    x4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y4, mean, var)`` by ``torch.native_layer_norm``/``native_group_norm``; ``var``
+    is recovered from their ``rstd`` (``rstd**-2 - eps``; the layers routed here do not
+    use it) and the statistics are not differentiable, as with the kernels."""
+    n, g, k, s = x4.shape
+    if route == "layer_norm":
+        y, mean, rstd = torch.native_layer_norm(x4.reshape(n, k), (k,), weight, bias, eps)
+    else:
+        y, mean, rstd = torch.native_group_norm(
+            x4.reshape(n, g * k, s), weight, bias, n, g * k, s, g, eps
+        )
+    mean = mean.detach().reshape(n, g)
+    var = rstd.detach().reshape(n, g).pow(-2) - eps
+    return y.view(x4.shape), mean, var
+
+
+class AutoBackend(ModuleType):
+    """The ``"auto"`` choice for CPU tensors: this module's kernels, except train-mode
+    LayerNorm and GroupNorm (``native_route``) and eval-mode BatchNorm/InstanceNorm with
+    given statistics, which run torch's native kernels (measured faster: the kernels'
+    eval pass is no faster than torch's and its Python wrapper costs more per call).
+    ``backend="cpu"`` always runs the kernels."""
+
+    NAME = NAME
+
+    @staticmethod
+    def supports(x: Tensor) -> bool:
+        return supports(x)
+
+    @staticmethod
+    def normalize(
+        x4: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        per_sample: bool,
+        center: bool,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        route = native_route(x4, weight, bias, per_sample, center)
+        if route is not None:
+            return _native_normalize(route, x4, weight, bias, eps)
+        return normalize(x4, weight, bias, per_sample=per_sample, center=center, eps=eps)
+
+    @staticmethod
+    def normalize_with_stats(
+        x4: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        eps: float,
+    ) -> Tensor:
+        native = (
+            x4.shape[2] == 1
+            and x4.numel() > 0
+            and _same_dtype(x4, mean, var, weight, bias)
+            and not (mean.requires_grad or var.requires_grad)
+        )
+        if native:
+            return torch.batch_norm(x4, weight, bias, mean, var, False, 0.0, eps, False)
+        return normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
+
+    moments = staticmethod(moments)
+    backward_reduce = staticmethod(backward_reduce)
+    backward_apply = staticmethod(backward_apply)
+
+
+AUTO = AutoBackend(__name__ + ".auto", AutoBackend.__doc__)

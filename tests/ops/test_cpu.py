@@ -211,7 +211,7 @@ def test_non_cpu_tensors_are_not_supported() -> None:
     assert not cpu.supports(meta)
     assert not cpu.supports(torch.zeros(3, dtype=torch.int64))
     assert ops.resolve(meta, "cpu") is torch_ops
-    assert ops.resolve(torch.zeros(2, 3), "auto") is cpu
+    assert ops.resolve(torch.zeros(2, 3), "auto") is cpu.AUTO
 
 
 # --------------------------------------------------------------------------------------
@@ -266,7 +266,12 @@ def test_backends_are_imported_with_the_package() -> None:
     assert ops._loaded.get("cpu") is cpu
 
 
-def test_compile_fullgraph_has_no_graph_break() -> None:
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_compile_fullgraph_has_no_graph_break(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "cpu": the kernels' ops; "auto" also routes some cases to torch's native kernels.
+    monkeypatch.setenv(ops.ENV_VAR, backend)
     torch.manual_seed(0)
     model, reference = _small_model(), _small_model()
     reference.load_state_dict(model.state_dict())
@@ -291,7 +296,8 @@ def test_compile_fullgraph_has_no_graph_break() -> None:
     for a, b in zip(model.buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(a, b)
     code = "".join(gm.code for gm in graphs)
-    assert "normlab.normalize" in code and "normlab.normalize_with_stats" in code
+    if backend == "cpu":
+        assert "normlab.normalize" in code and "normlab.normalize_with_stats" in code
 
 
 # --------------------------------------------------------------------------------------
@@ -324,7 +330,7 @@ def test_threads_follow_torch() -> None:
 
 def test_backend_selection_argument_context_and_default() -> None:
     x = torch.randn(4, 6)
-    assert ops.resolve(x) is cpu
+    assert ops.resolve(x) is cpu.AUTO
     assert ops.resolve(x, "torch") is torch_ops
     with normlab.use_backend("torch"):
         assert ops.resolve(x) is torch_ops
@@ -383,3 +389,44 @@ def test_numba_pool_started_passive_without_changing_the_environment() -> None:
         expected = os.environ.get(cpu.WAIT_POLICY_VAR, "PASSIVE")
         assert cpu.numba_wait_policy() == ("default" if expected == "keep" else expected)
         assert "OMP_WAIT_POLICY" not in os.environ
+
+
+# (x4 shape, per_sample, center) -> the native kernel "auto" uses for train mode.
+AUTO_ROUTES = [
+    ((8, 1, 32, 1), True, True, "layer_norm"),
+    ((4, 2, 8, 9), True, True, "group_norm"),
+    ((4, 6, 1, 9), True, True, None),  # InstanceNorm: kernels
+    ((8, 1, 32, 1), True, False, None),  # RMSNorm: kernels
+    ((4, 6, 1, 9), False, True, None),  # BatchNorm train: kernels
+]
+
+
+@pytest.mark.parametrize(("shape", "per_sample", "center", "route"), AUTO_ROUTES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_routes_and_matches_the_kernels(
+    shape: tuple[int, ...], per_sample: bool, center: bool, route: str | None,
+    dtype: torch.dtype,
+) -> None:
+    x4 = torch.randn(shape, dtype=dtype) * 3 + 1
+    features = shape[1] * shape[2]
+    w = torch.randn(features, dtype=dtype, requires_grad=True)
+    b = torch.randn(features, dtype=dtype, requires_grad=True)
+    assert cpu.native_route(x4, w, b, per_sample, center) == route
+    got = cpu.AUTO.normalize(x4, w, b, per_sample=per_sample, center=center, eps=1e-5)
+    want = cpu.normalize(x4, w, b, per_sample=per_sample, center=center, eps=1e-5)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, **tol)
+    dy = torch.randn_like(x4)
+    grads = [torch.autograd.grad(y[0], (w, b), dy) for y in (got, want)]
+    for g, r in zip(*grads, strict=True):
+        torch.testing.assert_close(g, r, **tol)
+
+
+def test_auto_eval_uses_torch_batch_norm_and_matches_the_kernels() -> None:
+    x4 = torch.randn(4, 6, 1, 9)
+    mean, var = torch.randn(6), torch.rand(6) + 0.5
+    w, b = torch.randn(6), torch.randn(6)
+    got = cpu.AUTO.normalize_with_stats(x4, mean, var, w, b, eps=1e-5)
+    want = cpu.normalize_with_stats(x4, mean, var, w, b, eps=1e-5)
+    torch.testing.assert_close(got, want)
