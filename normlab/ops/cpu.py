@@ -140,7 +140,11 @@ def _source(t4: Tensor, dtype: torch.dtype, cols: bool) -> Tensor:
     """``t4 [N, G, K, S]`` as a C-contiguous 2-D tensor of ``dtype`` in the given layout
     (a view when the strides already fit, a copy otherwise)."""
     n, g, k, s = t4.shape
-    t4 = t4.detach().to(dtype)
+    t4 = t4.detach()
+    if t4.dtype != dtype:
+        t4 = t4.to(dtype)
+    if cols and s == 1 and t4.is_contiguous():  # [N, C, 1, 1]: already rows of C
+        return t4.view(n, g * k)
     if cols:
         return t4.permute(0, 3, 1, 2).contiguous().view(n * s, g * k)
     return t4.contiguous().view(n * g, k * s)
@@ -172,7 +176,10 @@ def _vector(param: Tensor | None, size: int, dtype: torch.dtype, fill: float) ->
     """An affine parameter as a contiguous ``[size]`` tensor (``fill`` when absent)."""
     if param is None:
         return _constant(size, dtype, fill)
-    return param.detach().to(dtype).contiguous().view(size)
+    param = param.detach()
+    if param.dtype != dtype or not param.is_contiguous():
+        param = param.to(dtype).contiguous()
+    return param if param.dim() == 1 else param.view(size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -181,8 +188,18 @@ def _constant(size: int, dtype: torch.dtype, fill: float) -> Tensor:
     return torch.full((size,), fill, dtype=dtype)
 
 
+def _stat_np(t: Tensor, dtype: torch.dtype):  # noqa: ANN202  (numpy array)
+    """Statistics ``[G]`` or ``[N, G]`` as a contiguous flat array of ``dtype``."""
+    t = t.detach()
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.numpy().reshape(-1)
+
+
 def _np(t: Tensor):  # noqa: ANN202  (numpy array)
-    return t.detach().numpy()
+    # Every tensor handed to the kernels is already detached (_source, _vector, the
+    # implementations' own outputs): no detach() per argument, small calls feel each op.
+    return t.numpy()
 
 
 def _pieces(rows: int, row_elements: int, itemsize: int) -> int:
@@ -248,7 +265,7 @@ def _forward_impl(
     x2 = _source(x4, work, cols)
     out = _Target(y4, work, cols) if write else None
     y2 = _np(out.buf) if out is not None else _np(x2)  # not written when write=False
-    stats = (_np(mean.view(-1)), _np(var.view(-1)), _np(rstd.view(-1)))
+    stats = (_np(mean).reshape(-1), _np(var).reshape(-1), _np(rstd).reshape(-1))
     if per_sample:
         K.rows_forward(_np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write, _zero(work))
     else:
@@ -284,13 +301,13 @@ def _backward_impl(
         return dx4, dw, db
     sync_threads(x4.numel())
     w = _vector(weight, g * k, work, 1.0)
-    mean_c = mean.detach().to(work).contiguous().view(-1)
-    rstd_c = rstd.detach().to(work).contiguous().view(-1)
+    mean_c = _stat_np(mean, work)
+    rstd_c = _stat_np(rstd, work)
     cols = not per_sample and _is_cols(x4)
     x2 = _source(x4, work, cols)
     dy2 = _source(dy4, work, cols)
     out = _Target(dx4, work, cols)
-    args = (_np(dy2), _np(x2), _np(mean_c), _np(rstd_c), _np(w))
+    args = (_np(dy2), _np(x2), mean_c, rstd_c, _np(w))
     if per_sample:
         partials = np.zeros((2, min(n * g, _ROW_PIECES), g * k), dtype=_np(x2).dtype)
         K.rows_backward(
@@ -377,8 +394,8 @@ def _channel_backward_impl(
     out = _Target(dx4, work, cols) if apply else None
     dx2 = _np(out.buf) if out is not None else _np(x2)
     args = (
-        _np(dy2), _np(x2), _np(mean.detach().to(work).contiguous()),
-        _np(rstd.detach().to(work).contiguous()), _np(_vector(weight, g, work, 1.0)),
+        _np(dy2), _np(x2), _stat_np(mean, work), _stat_np(rstd, work),
+        _np(_vector(weight, g, work, 1.0)),
     )
     kernel = K.channel_cols_backward if cols else K.channel_rows_backward
     scratch = _channel_scratch(x2, cols, 2, 2)
