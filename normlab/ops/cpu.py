@@ -132,8 +132,12 @@ def sync_threads(elements: int | None = None) -> int:
 
 
 def _is_cols(x4: Tensor) -> bool:
-    """Whether ``x4`` is laid out as ``[N, S, G, K]`` (channels-last, or any ``S == 1``)."""
-    return x4.shape[2] == 1 and x4.permute(0, 3, 1, 2).is_contiguous()
+    """Whether to use the cols layout ``[N*S, C]``: channels-last input, and every
+    ``S == 1`` input (``[N, C]``), even a non-contiguous one that must be copied: the rows
+    layout would be ``[N*C, 1]``, one-element rows, the slowest case of its kernels."""
+    if x4.shape[2] != 1:
+        return False
+    return x4.shape[3] == 1 or x4.permute(0, 3, 1, 2).is_contiguous()
 
 
 def _source(t4: Tensor, dtype: torch.dtype, cols: bool) -> Tensor:

@@ -36,7 +36,8 @@ class View:
     shape: tuple[int, int, int, int]
     per_sample: bool
     center: bool = True
-    layout: str = "contiguous"  # or "channels_last" ([N, S, G, K] in memory) or "strided"
+    # or "channels_last" ([N, S, G, K] in memory), "strided", "transposed" ([S, K, G, N])
+    layout: str = "contiguous"
 
     def make(self, dtype: torch.dtype, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -44,6 +45,8 @@ class View:
         if self.layout == "channels_last":
             base = torch.randn(n, s, groups, k, generator=g, dtype=torch.float64)
             x = base.permute(0, 2, 3, 1)
+        elif self.layout == "transposed":
+            x = torch.randn(s, k, groups, n, generator=g, dtype=torch.float64).permute(3, 2, 1, 0)
         elif self.layout == "strided":
             x = torch.randn(n, groups, k, 2 * s, generator=g, dtype=torch.float64)[..., ::2]
         else:
@@ -59,6 +62,8 @@ VIEWS = [
     View("group_norm-channels-last", (3, 2, 3, 5), True, layout="channels_last"),
     View("batch_norm", (4, 3, 1, 10), False),
     View("batch_norm-NC", (8, 5, 1, 1), False),
+    View("batch_norm-NC-transposed", (8, 5, 1, 1), False, layout="transposed"),
+    View("batch_norm-NC-large-transposed", (600, 64, 1, 1), False, layout="transposed"),
     View("batch_norm-channels-last", (4, 3, 1, 10), False, layout="channels_last"),
     View("batch_norm-strided", (4, 3, 1, 10), False, layout="strided"),
     View("batch_norm-uncentered", (4, 3, 1, 10), False, center=False),
