@@ -330,6 +330,17 @@ def threading_info() -> str:
     return "; ".join(parts)
 
 
+def _backend_label() -> str:
+    """The backend normlab's layers run on here: ``"auto"`` also names the routes to torch's
+    native kernels (docs/backends.md)."""
+    name = normlab.ops.requested()
+    chosen = normlab.ops.resolve(torch.empty(1))
+    if name == "auto" and chosen.__name__.endswith(".auto"):
+        return (f"auto ({chosen.NAME} kernels; LayerNorm, GroupNorm, eval and [N, C] "
+                "BatchNorm train on torch's native kernels)")
+    return f"{name} ({chosen.NAME})" if name == "auto" else name
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0, or 1 if normlab's results disagree with torch's."""
     args = parse_args(argv)
@@ -345,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
     copy_gbs = copy_bandwidth(reps, 32 if args.quick else 256)
     print(f"# normlab bench: {_machine()}; torch {torch.__version__}, {threads} threads "
-          f"(torch.get_num_threads()={torch.get_num_threads()}); backend "
-          f"{normlab.ops.resolve(torch.empty(1)).NAME}; float32; median of {reps} interleaved "
+          f"(torch.get_num_threads()={torch.get_num_threads()}); backend {_backend_label()}; "
+          f"float32; median of {reps} interleaved "
           f"runs after {warmup} warm-up; compile backend: {compile_backend}")
     print(f"# copy_ bandwidth: {copy_gbs:.1f} GB/s (read + write)")
     print(f"# threading: {threading_info()}")

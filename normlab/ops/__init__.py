@@ -12,7 +12,8 @@ and a ``supports(x) -> bool`` telling whether it can run on that tensor (the com
 The backend is chosen, first match wins, by: the ``backend=`` argument of a functional
 call, the innermost ``normlab.use_backend(...)`` context, the ``NORMLAB_BACKEND``
 environment variable, then ``"auto"``: the fastest registered backend that supports the
-tensor. A backend that does not support a tensor (say, ``"cpu"`` given a CUDA tensor)
+tensor (a backend may refine "auto" per operation: ``normlab.ops.cpu.AUTO``). A backend
+that does not support a tensor (say, ``"cpu"`` given a CUDA tensor)
 falls back to ``"torch"``, which computes the same result.
 """
 
