@@ -89,6 +89,10 @@ def _start_numba_threads() -> None:
 
 
 _start_numba_threads()
+# GNU OpenMP is not fork-safe: numba terminates a forked child (a DataLoader worker, a
+# fork-started process, a forkserver's child) that launches its pool again. Such a
+# process runs everything on the composite torch backend instead, with the same results.
+_POOL_PID = os.getpid()
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -111,8 +115,14 @@ SERIAL_BELOW = 32768
 
 
 def supports(x: Tensor) -> bool:
-    """True for strided CPU tensors of a floating dtype the kernels handle."""
-    return x.device.type == "cpu" and x.dtype in _DTYPES and x.layout == torch.strided
+    """True for strided CPU tensors of a floating dtype the kernels handle, in the process
+    that started numba's thread pool (not in a child forked from it)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and x.layout == torch.strided
+        and os.getpid() == _POOL_PID
+    )
 
 
 def sync_threads(elements: int | None = None) -> int:

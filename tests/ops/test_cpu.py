@@ -436,3 +436,28 @@ def test_auto_eval_uses_torch_batch_norm_and_matches_the_kernels() -> None:
     got = cpu.AUTO.normalize_with_stats(x4, mean, var, w, b, eps=1e-5)
     want = cpu.normalize_with_stats(x4, mean, var, w, b, eps=1e-5)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_falls_back_to_torch_backend() -> None:
+    """numba's GNU OpenMP pool is not fork-safe: a forked child that used the kernels
+    would be terminated; instead it computes on the composite backend."""
+    x = torch.randn(8, 4, 16, 16)
+    parent = normlab.BatchNorm2d(4)(x)  # the parent has used the kernels' thread pool
+    assert ops.resolve(x).NAME != "torch"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            child = normlab.BatchNorm2d(4)(x)
+            ok = ops.resolve(x).NAME == "torch" and torch.allclose(child, parent, atol=1e-5)
+            status = 0 if ok else 2
+        finally:
+            os.write(write, bytes([status]))
+            os._exit(0)
+    os.close(write)
+    _, wait_status = os.waitpid(pid, 0)
+    result = os.read(read, 1)
+    os.close(read)
+    assert os.WIFEXITED(wait_status) and result == b"\x00", (wait_status, result)
