@@ -92,7 +92,16 @@ _start_numba_threads()
 # GNU OpenMP is not fork-safe: numba terminates a forked child (a DataLoader worker, a
 # fork-started process, a forkserver's child) that launches its pool again. Such a
 # process runs everything on the composite torch backend instead, with the same results.
-_POOL_PID = os.getpid()
+_in_forked_child = False
+
+
+def _mark_forked_child() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked_child)
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -121,7 +130,7 @@ def supports(x: Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.layout == torch.strided
-        and os.getpid() == _POOL_PID
+        and not _in_forked_child
     )
 
 
