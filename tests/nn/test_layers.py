@@ -127,11 +127,8 @@ def _reference_step(case: Case, layer: nn.Module, x: torch.Tensor, dy: torch.Ten
     w, b = _np(getattr(layer, "weight", None)), _np(getattr(layer, "bias", None))
     out: dict[str, Any] = {}
     if case.layer.startswith(("BatchNorm", "InstanceNorm")):
-        unbatched = (
-            case.layer.startswith("Instance")
-            and x.dim() == len(case.shape)
-            and (x.dim() == int(case.layer[-2]) + 1)
-        )
+        # InstanceNorm{k}d input without the batch dimension has k + 1 dims.
+        unbatched = case.layer.startswith("Instance") and x.dim() == int(case.layer[-2]) + 1
         if unbatched:
             xs, dys = xs[None], dys[None]
         rm, rv = _np(layer.running_mean), _np(layer.running_var)
