@@ -111,6 +111,7 @@ from normlab.ops import torch_ops  # noqa: E402
 from normlab.ops.torch_ops import compute_dtype  # noqa: E402
 
 NAME = "cpu"
+ACT_CODES = K.ACT_CODES  # activations the per-channel kernels fuse, by name
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 # Bytes per piece of the cols layout: small enough that the second pass over a piece
@@ -249,6 +250,26 @@ def _channel_scratch(x2: Tensor, cols: bool, per_piece: int, per_plane: int):  #
     return np.empty((per_plane, rows))
 
 
+# BatchNorm with at least this many channels runs one channel per task (the "planes"
+# kernels: statistics and output while the channel is in cache); fewer channels cannot
+# keep the threads busy and run the plane-parallel kernels instead.
+PLANES_MIN_CHANNELS = 8
+
+
+def _by_planes(x4: Tensor, cols: bool, act: int = 0) -> bool:
+    """Whether per-channel statistics run on the planes kernels: with enough channels, and
+    always with a fused activation (only they apply one) on contiguous input."""
+    if act:
+        return x4.is_contiguous()
+    return not cols and x4.shape[1] >= PLANES_MIN_CHANNELS
+
+
+def fuses_activation(x4: Tensor) -> bool:
+    """Whether a per-channel ``normalize`` of ``x4 [N, C, 1, S]`` can fuse an activation
+    into the kernels (``act`` of ``_forward_impl``): contiguous, non-empty CPU input."""
+    return supports(x4) and x4.shape[2] == 1 and x4.is_contiguous() and x4.numel() > 0
+
+
 def _check_per_channel(x4: Tensor, per_sample: bool) -> None:
     if not per_sample and x4.shape[2] != 1:
         raise ValueError(
@@ -268,8 +289,12 @@ def _forward_impl(
     center: bool,
     eps: float,
     write: bool,
+    act: int = 0,
+    slope: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Statistics ``(mean, var, rstd)`` of ``x4`` and (if ``write``) ``y4``, empty-like x4."""
+    """Statistics ``(mean, var, rstd)`` of ``x4`` and (if ``write``) ``y4``, empty-like x4.
+    ``act``/``slope``: an activation fused into the output (``K.ACT_CODES``), only where
+    ``fuses_activation(x4)``."""
     _check_per_channel(x4, per_sample)
     n, g, k, s = x4.shape
     work = compute_dtype(x4.dtype)
@@ -291,6 +316,12 @@ def _forward_impl(
     stats = (_np(mean).reshape(-1), _np(var).reshape(-1), _np(rstd).reshape(-1))
     if per_sample:
         K.rows_forward(_np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write, _zero(work))
+    elif _by_planes(x4, cols, act):
+        x3 = _np(x2).reshape(n, g, s)
+        y3 = y2.reshape(n, g, s) if write else np.empty((n, g, 0), dtype=x3.dtype)
+        K.planes_forward(
+            x3, _np(w), _np(b), act, slope, True, write, center, eps, y3, *stats
+        )
     else:
         kernel = K.channel_cols_forward if cols else K.channel_rows_forward
         scratch = _channel_scratch(x2, cols, 2, 2)
@@ -311,9 +342,13 @@ def _backward_impl(
     weight: Tensor | None,
     per_sample: bool,
     center: bool,
+    bias: Tensor | None = None,
+    act: int = 0,
+    slope: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx4, dweight, dbias)`` of the train-mode normalization; dweight/dbias are
-    ``[G*K]`` sums in the compute dtype (returned even without weight/bias)."""
+    ``[G*K]`` sums in the compute dtype (returned even without weight/bias). ``bias`` is
+    read only to recompute a fused activation's input (``act``)."""
     _check_per_channel(x4, per_sample)
     n, g, k, s = x4.shape
     work = compute_dtype(x4.dtype)
@@ -335,6 +370,13 @@ def _backward_impl(
         partials = np.zeros((2, min(n * g, _ROW_PIECES), g * k), dtype=_np(x2).dtype)
         K.rows_backward(
             *args, g, center, *partials, _np(out.buf), _np(dw), _np(db), _zero(work)
+        )
+    elif _by_planes(x4, cols, act):
+        planes = (_np(dy2).reshape(n, g, s), _np(x2).reshape(n, g, s))
+        b = _np(_vector(bias, g, work, 0.0))
+        K.planes_backward(
+            *planes, mean_c, rstd_c, _np(w), b, act, slope, center,
+            _np(out.buf).reshape(n, g, s), _np(dw), _np(db),
         )
     else:
         kernel = K.channel_cols_backward if cols else K.channel_rows_backward

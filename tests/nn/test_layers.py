@@ -43,6 +43,7 @@ CASES = [
     Case("bn2d-no-bias", "BatchNorm2d", (3,), (4, 3, 5, 5), {"bias": False}),
     Case("bn2d-not-tracking", "BatchNorm2d", (3,), (4, 3, 5, 5), {"track_running_stats": False}),
     Case("bn2d-zero-batch", "BatchNorm2d", (3,), (0, 3, 5, 5)),
+    Case("bn2d-16-channels", "BatchNorm2d", (16,), (3, 16, 4, 5)),  # per-channel tasks
     Case(
         "bn2d-channels-last", "BatchNorm2d", (3,), (4, 3, 5, 5), memory_format=torch.channels_last
     ),

@@ -67,9 +67,13 @@ VIEWS = [
     View("batch_norm-channels-last", (4, 3, 1, 10), False, layout="channels_last"),
     View("batch_norm-strided", (4, 3, 1, 10), False, layout="strided"),
     View("batch_norm-uncentered", (4, 3, 1, 10), False, center=False),
+    # At least PLANES_MIN_CHANNELS channels: one channel per task (the "planes" kernels).
+    View("batch_norm-planes", (5, 16, 1, 7), False),
+    View("batch_norm-planes-uncentered", (5, 16, 1, 7), False, center=False),
     # Large enough to run on several threads and, for the cols layout, several pieces.
     View("batch_norm-large", (16, 8, 1, 300), False),
     View("batch_norm-large-channels-last", (16, 8, 1, 300), False, layout="channels_last"),
+    View("batch_norm-large-planes", (16, 32, 1, 300), False),
     View("layer_norm-large", (96, 1, 512, 1), True),
     View("group_norm-large", (8, 4, 4, 300), True),
     View("batch_norm-empty", (0, 3, 1, 10), False),
@@ -185,7 +189,8 @@ def test_split_phase_pieces_match_composite(view: View) -> None:
 
 def test_variance_survives_a_large_mean() -> None:
     """float32 data around 1e4 with unit noise: E[x^2] - E[x]^2 would lose it all."""
-    for view in (VIEWS[0], VIEWS[5], VIEWS[7]):
+    chosen = ("layer_norm", "batch_norm", "batch_norm-NC-transposed", "batch_norm-planes")
+    for view in (v for v in VIEWS if v.id in chosen):
         x = view.make(torch.float32, offset=1e4)
         _, _, var = cpu.normalize(x, None, None, per_sample=view.per_sample, center=True, eps=0)
         dims = (2, 3) if view.per_sample else (0, 2, 3)
@@ -193,12 +198,23 @@ def test_variance_survives_a_large_mean() -> None:
         torch.testing.assert_close(var.double(), exact, rtol=1e-4, atol=0)
 
 
-def test_nan_propagates_to_the_statistics() -> None:
-    x = torch.randn(4, 3, 1, 6)
+@pytest.mark.parametrize("channels", [3, 16], ids=["plane-parallel", "planes"])
+def test_nan_propagates_to_the_statistics(channels: int) -> None:
+    x = torch.randn(4, channels, 1, 6)
     x[1, 2, 0, 3] = float("nan")
     y, mean, var = cpu.normalize(x, None, None, per_sample=False, center=True, eps=1e-5)
     assert mean[2].isnan() and var[2].isnan() and y[:, 2].isnan().all()
     assert not (mean[:2].isnan().any() or y[:, :2].isnan().any())
+
+
+def test_planes_route_is_taken_from_the_minimum_channel_count() -> None:
+    """The planes kernels run (and are what the table above tested) from
+    PLANES_MIN_CHANNELS channels of contiguous NCHW input, or with a fused activation."""
+    c = cpu.PLANES_MIN_CHANNELS
+    assert cpu._by_planes(torch.randn(2, c, 1, 5), cols=False)
+    assert not cpu._by_planes(torch.randn(2, c - 1, 1, 5), cols=False)
+    assert cpu._by_planes(torch.randn(2, c - 1, 1, 5), cols=False, act=1)
+    assert not cpu.fuses_activation(torch.randn(2, 5, 1, c).transpose(1, 3))
 
 
 def test_double_backward_falls_back_to_composite() -> None:
