@@ -264,6 +264,22 @@ def _by_planes(x4: Tensor, cols: bool, act: int = 0) -> bool:
     return not cols and x4.shape[1] >= PLANES_MIN_CHANNELS
 
 
+# Channels per task of the planes kernels: enough that memory is read in runs of at least
+# _RUN_BYTES (the prefetcher's stride), few enough that a task's data stays in a core's L2
+# for the second pass (_TASK_BYTES per tensor) and that there are _MIN_TASKS tasks.
+_RUN_BYTES = 8192
+_TASK_BYTES = 256 * 1024
+_MIN_TASKS = 16
+
+
+def _planes_block(n: int, channels: int, spatial: int, itemsize: int) -> int:
+    """Channels per task (shape-only: the results do not depend on it either)."""
+    plane = spatial * itemsize
+    block = -(-_RUN_BYTES // plane)
+    block = min(block, max(1, _TASK_BYTES // (n * plane)), max(1, channels // _MIN_TASKS))
+    return max(1, block)
+
+
 def fuses_activation(x4: Tensor) -> bool:
     """Whether a per-channel ``normalize`` of ``x4 [N, C, 1, S]`` can fuse an activation
     into the kernels (``act`` of ``_forward_impl``): contiguous, non-empty CPU input."""
@@ -319,8 +335,9 @@ def _forward_impl(
     elif _by_planes(x4, cols, act):
         x3 = _np(x2).reshape(n, g, s)
         y3 = y2.reshape(n, g, s) if write else np.empty((n, g, 0), dtype=x3.dtype)
+        block = _planes_block(n, g, s, x2.element_size())
         K.planes_forward(
-            x3, _np(w), _np(b), act, slope, True, write, center, eps, y3, *stats
+            x3, _np(w), _np(b), act, slope, block, True, write, center, eps, y3, *stats
         )
     else:
         kernel = K.channel_cols_forward if cols else K.channel_rows_forward
@@ -374,8 +391,9 @@ def _backward_impl(
     elif _by_planes(x4, cols, act):
         planes = (_np(dy2).reshape(n, g, s), _np(x2).reshape(n, g, s))
         b = _np(_vector(bias, g, work, 0.0))
+        block = _planes_block(n, g, s, x2.element_size())
         K.planes_backward(
-            *planes, mean_c, rstd_c, _np(w), b, act, slope, center,
+            *planes, mean_c, rstd_c, _np(w), b, act, slope, block, center,
             _np(out.buf).reshape(n, g, s), _np(dw), _np(db),
         )
     else:
