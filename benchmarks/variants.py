@@ -169,7 +169,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="small shapes, few reps (CI)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--allocator", choices=("steady", "system"), default="steady",
+                        help="as in `normlab bench`: steady (glibc reuses freed memory, no "
+                             "first-touch page faults in either column) or system defaults")
     args = parser.parse_args(argv)
+    from normlab.bench import steady_allocator
+
+    allocator = steady_allocator() if args.allocator == "steady" else None
     reps = args.reps or (3 if args.quick else 15)
     torch.set_num_threads(args.threads)
     try:
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     except ImportError:  # pragma: no cover
         pass
     print(f"threads={args.threads} reps={reps} torch={torch.__version__} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+          f"allocator={allocator or 'system defaults'}")
     print(f"copy bandwidth reference: {_bandwidth(reps, args.quick):.1f} GB/s")
 
     print("BatchNormAct2d(relu) train fwd+bwd vs torch eager BatchNorm2d + ReLU:")

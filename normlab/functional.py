@@ -86,7 +86,16 @@ def update_running_stats(
     """
     if count == 0:
         return  # an empty batch carries no statistics; torch leaves the buffers as they are
-    unbiased = batch_var * (count / (count - 1)) if count > 1 else batch_var
+    correction = count / (count - 1) if count > 1 else 1.0
+    kernels = ops.backend("cpu")
+    kept = None if kernels is None else kernels.update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, correction, momentum
+    )
+    if kept is not None:
+        if kept:
+            _warn_non_finite()
+        return
+    unbiased = batch_var * correction
     finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(unbiased))
     compiling = torch.compiler.is_compiling()
     if not compiling and running_mean.dtype == batch_mean.dtype and bool(finite.all()):
@@ -105,16 +114,20 @@ def update_running_stats(
         running_var.copy_(torch.where(finite, new_var, running_var.to(work)))
         return
     if not bool(finite.all()):
-        warnings.warn(
-            "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
-            "kept their previous values for the affected channels",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_non_finite()
         new_mean = torch.where(finite, new_mean, running_mean.to(work))
         new_var = torch.where(finite, new_var, running_var.to(work))
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
+
+
+def _warn_non_finite() -> None:
+    warnings.warn(
+        "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
+        "kept their previous values for the affected channels",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def batch_norm(

@@ -47,6 +47,12 @@ def _load(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def backend(name: str) -> ModuleType | None:
+    """The backend module ``name`` (``"cpu"``, ``"torch"``), or ``None`` if it does not
+    import here."""
+    return _load(name)
+
+
 def available() -> list[str]:
     """Names of the backends that import on this machine."""
     return [name for name in _MODULES if _load(name) is not None]

@@ -682,3 +682,20 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
                         d = xs[s] - mt
                         g = gs[s] * _act_grad(d * a + bc, act, sl, zero, one)
                         ds[s] = g * a + d * c1_ + c0_
+
+
+@_jit(parallel=False)
+def running_update(running_mean, running_var, mean, var, correction, momentum):
+    """In place, per channel: ``running = (1 - momentum) * running + momentum * batch``
+    with the batch variance times ``correction`` (Bessel's); a channel whose batch
+    statistics are not finite keeps its running values. Returns how many did."""
+    kept = 0
+    for c in range(mean.shape[0]):
+        m = np.float64(mean[c])
+        v = np.float64(var[c]) * correction
+        if np.isfinite(m) and np.isfinite(v):
+            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * m
+            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * v
+        else:
+            kept += 1
+    return kept

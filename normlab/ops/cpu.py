@@ -293,6 +293,33 @@ def _check_per_channel(x4: Tensor, per_sample: bool) -> None:
         )
 
 
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    correction: float,
+    momentum: float,
+) -> int | None:
+    """``normlab.functional.update_running_stats`` in one kernel call (eight small torch
+    ops cost more than a whole normalization of a small tensor): returns how many channels
+    kept their values (non-finite statistics), or ``None`` where it does not apply (the
+    caller then runs the torch code): float32/float64 contiguous CPU vectors of one dtype,
+    outside tracing."""
+    dtype = batch_mean.dtype
+    tensors = (running_mean, running_var, batch_mean, batch_var)
+    if dtype not in (torch.float32, torch.float64) or not _eager(batch_mean) or not all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
+    ):
+        return None
+    rm, rv, bm, bv = (t.detach().numpy() for t in tensors)
+    kept = K.running_update(rm, rv, bm, bv, correction, momentum)
+    # Written behind autograd's back: count the writes, so a graph that saved a buffer
+    # (an eval-mode step) raises at backward instead of using the new values silently.
+    torch.autograd.graph.increment_version((running_mean, running_var))
+    return kept
+
+
 # ---------------------------------------------------------------------------------------
 # Implementations (plain tensors in, tensors out; no autograd).
 
