@@ -53,6 +53,8 @@ def _jit(parallel: bool):  # noqa: ANN202
 # vectorize at full width and each lane adds only a few values), and the block sums in
 # float64: the accuracy of float64 accumulation at the speed of the data dtype.
 _BLOCK = 256
+# Rows of at most this many values take one float64 pass for their moments (_moments).
+_SHORT_ROW = 256
 
 
 @_jit(parallel=False)
@@ -117,6 +119,19 @@ def _moments(v, shift, i, center, zero):
     first-pass mean rounded to the data dtype, about which the second pass is taken; the
     shifted-data correction makes the result exact for that rounding."""
     n = v.shape[0]
+    if center and n <= _SHORT_ROW:
+        # Short rows: the blocked passes cost more in loop overhead than they read. One
+        # float64 pass about the first value instead (see the planes kernels for why
+        # that shift keeps the variance accurate).
+        h = np.float64(v[0])
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(n):
+            d = np.float64(v[j]) - h
+            s1 += d
+            s2 += d * d
+        shift[i] = h
+        return h + s1 / n, max(s2 - s1 * s1 / n, 0.0)
     shift[i] = _sum(v, zero) / n if center else 0.0
     m = shift[i]
     s1, s2 = _deviation_sums(v, m, zero)
