@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 bench = pytest.importorskip("normlab.bench")
 
 
 def test_quick_benchmark_runs_and_agrees_with_torch(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main(["--quick", "--markdown", "--threads", "2"]) == 0
+    # --allocator system: the steady setting is process-wide; this test process keeps its own.
+    assert bench.main(["--quick", "--markdown", "--threads", "2", "--allocator", "system"]) == 0
     out = capsys.readouterr().out
     assert "copy_ bandwidth" in out and "2 threads" in out
+    assert "# allocator: system defaults; a first-touch page fault costs" in out
     assert "# threading: numba layer " in out and "OMP_WAIT_POLICY" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     layers = {line.split("|")[1].strip() for line in table[1:]}
@@ -23,3 +28,32 @@ def test_quick_benchmark_runs_and_agrees_with_torch(capsys: pytest.CaptureFixtur
 def test_arguments_are_parsed() -> None:
     args = bench.parse_args(["--threads", "3", "--layers", "LayerNorm", "--reps", "4"])
     assert (args.threads, args.layers, args.reps, args.quick) == (3, "LayerNorm", 4, False)
+
+
+_MMAPPED_BYTES = """
+import ctypes, sys, torch
+import normlab.bench as b
+if sys.argv[1] == "steady" and b.steady_allocator() is None:
+    print("not-glibc"); sys.exit()
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS.split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+x = torch.empty(64 << 20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd >= 64 << 20)
+"""
+
+
+@pytest.mark.parametrize("allocator,mmapped", [("system", "True"), ("steady", "False")])
+def test_steady_allocator_keeps_large_blocks_on_the_heap(allocator: str, mmapped: str) -> None:
+    """glibc's default maps a 64 MiB block with mmap (returned to the kernel when freed,
+    fresh pages next time); the steady setting keeps it on the reusable heap. In a fresh
+    process: the setting is process-wide."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAPPED_BYTES, allocator],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    if out[-1] == "not-glibc":
+        pytest.skip("not glibc")
+    assert out[-1] == mmapped
