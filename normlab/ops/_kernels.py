@@ -252,18 +252,8 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, ze
                     ds = dx[r, sl]
                     for s in range(spatial):
                         ds[s] = gs[s] * a + (xs[s] - mt) * c1 + c2
-    # Merge the pieces in order (p outer, features inner: contiguous, vectorized).
-    acc_w = np.zeros(features)
-    acc_b = np.zeros(features)
-    for p in range(pieces):
-        pw = pdw[p]
-        pb = pdb[p]
-        for f in range(features):
-            acc_w[f] += pw[f]
-            acc_b[f] += pb[f]
-    for f in range(features):
-        dw[f] = acc_w[f]
-        db[f] = acc_b[f]
+    # Merge the pieces in order; the partials of dw are already scaled by rstd (factor 1).
+    _merge_sums(pdb, pdw, np.ones(features), db, dw)
 
 
 @_jit(parallel=False)
