@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -121,6 +122,33 @@ def update_running_stats(
     running_var.copy_(new_var)
 
 
+def train_step(
+    kernels: ModuleType,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    act: int = 0,
+    slope: float = 0.0,
+) -> Tensor | None:
+    """A backend's one-call BatchNorm train step (``batch_norm_train``: statistics,
+    output with an optional fused activation, running update) on checked arguments, or
+    ``None`` where the backend has none for this input."""
+    step = getattr(kernels, "batch_norm_train", None)
+    result = None if step is None else step(
+        input, weight, bias, running_mean, running_var, momentum, eps, act, slope
+    )
+    if result is None:
+        return None
+    y, kept = result
+    if kept:
+        _warn_non_finite()
+    return y
+
+
 def _warn_non_finite() -> None:
     warnings.warn(
         "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
@@ -156,8 +184,12 @@ def batch_norm(
     n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
     if training:
         _checks.check_values_per_channel(input)
-    x4 = input.reshape(n, channels, 1, spatial)
     kernels = ops.resolve(input, backend)
+    if training:
+        y = train_step(kernels, input, running_mean, running_var, weight, bias, momentum, eps)
+        if y is not None:
+            return y
+    x4 = input.reshape(n, channels, 1, spatial)
     if not training:
         y4 = kernels.normalize_with_stats(x4, running_mean, running_var, weight, bias, eps=eps)
         return y4.reshape(input.shape)

@@ -88,7 +88,7 @@ def use_backend(name: str) -> Iterator[None]:
 def resolve(x: Tensor, backend: str | None = None) -> ModuleType:
     """The backend module that will normalize ``x``."""
     name = _check_choice(backend, "backend") if backend is not None else requested()
-    candidates = list(_MODULES) if name == "auto" else [name, "torch"]
+    candidates = _MODULES if name == "auto" else (name, "torch")
     for candidate in candidates:
         module = _load(candidate)
         if module is not None and module.supports(x):

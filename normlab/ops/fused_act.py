@@ -8,12 +8,12 @@ activation; rather than widen it, this module adds one function beside it,
   eval mode) it is ``activation(normlab.functional.batch_norm(...))``: the norm runs on the
   selected backend and autograd differentiates the pair;
 - on the fused path (backend ``"auto"``/``"cpu"``, contiguous float32/float64 CPU input,
-  training with batch statistics) the per-channel "planes" kernels of the cpu backend
-  (``normlab.ops._kernels.planes_forward``/``planes_backward``, the same ones plain
-  BatchNorm runs) take the activation as a code: the forward computes each channel's
-  statistics and writes ``act(xhat * w + b)`` while the channel is still in cache; the
-  backward recomputes the pre-activation from the saved input (nothing but ``x`` and two
-  ``[C]`` vectors is saved), applies ``act'`` and the BatchNorm backward in two passes per
+  training with batch statistics) it is the cpu backend's one-call train step
+  (``normlab.ops.cpu.batch_norm_train``, the one plain BatchNorm runs) with the activation
+  as a code of the "planes" kernels: the forward computes each channel's statistics and
+  writes ``act(xhat * w + b)`` while the channel is still in cache; the backward
+  recomputes the pre-activation from the saved input (nothing but ``x`` and the ``[3, C]``
+  statistics is saved), applies ``act'`` and the BatchNorm backward in two passes per
   channel. Torch eager runs BatchNorm, then the activation, then both backwards: twice the
   passes over memory and twice the saved tensors.
 
@@ -113,11 +113,16 @@ def batch_norm_act(
         )
         return activation(y, act, slope)
     _check_args(input, running_mean, running_var, weight, bias, momentum, eps)
-    code = cpu.ACT_CODES[act]
-    y, mean, var = _BatchNormActFunction.apply(input, weight, bias, eps, code, slope)
-    if running_mean is not None:
-        count = input.numel() // input.shape[1]
-        F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    y = F.train_step(
+        cpu, input, running_mean, running_var, weight, bias, momentum, eps,
+        cpu.ACT_CODES[act], slope,
+    )
+    if y is None:  # parameters of another dtype or layout than the input's
+        y = F.batch_norm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps,
+            backend=backend,
+        )
+        return activation(y, act, slope)
     return y
 
 
@@ -142,41 +147,3 @@ def _check_args(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     _checks.check_values_per_channel(input)
-
-
-class _BatchNormActFunction(torch.autograd.Function):
-    """Fused train-mode BatchNorm + activation on a contiguous ``[N, C, *S]`` CPU tensor:
-    the planes kernels of ``normlab.ops.cpu`` with the activation code ``act``."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        act: int,
-        slope: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        x4 = x.detach().reshape(x.shape[0], x.shape[1], 1, -1)
-        y4, mean, var, rstd = cpu._forward_impl(
-            x4, weight, bias, False, True, eps, True, act=act, slope=slope
-        )
-        ctx.save_for_backward(x4, weight, bias, mean, rstd)
-        ctx.act, ctx.slope = act, slope
-        ctx.mark_non_differentiable(mean, var)
-        return y4.view(x.shape), mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dy: Tensor, _dmean: Tensor, _dvar: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        x4, weight, bias, mean, rstd = ctx.saved_tensors
-        dx4, dw, db = cpu._backward_impl(
-            dy.reshape(x4.shape), x4, mean, rstd, weight, False, True,
-            bias=bias, act=ctx.act, slope=ctx.slope,
-        )
-        dweight = None if weight is None else dw.to(weight.dtype)
-        dbias = None if bias is None else db.to(bias.dtype)
-        return dx4.view(dy.shape), dweight, dbias, None, None, None

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab import ops
+from normlab import ops, reference
 from normlab.ops import torch_ops
 
 cpu = pytest.importorskip("normlab.ops.cpu", reason="numba is not installed")
@@ -322,6 +322,116 @@ def test_compile_fullgraph_has_no_graph_break(
 
 
 # --------------------------------------------------------------------------------------
+# BatchNorm's one-call train step (cpu.batch_norm_train), against the NumPy reference
+
+STEP_CASES = [  # id, x shape, affine, running buffers
+    ("bn2d", (4, 16, 3, 5), True, True),
+    ("bn1d-sequence", (5, 8, 7), True, True),
+    ("bn3d-no-affine", (2, 8, 2, 3, 4), False, True),
+    ("no-running-stats", (4, 16, 3, 5), True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("shape", "affine", "running"), [c[1:] for c in STEP_CASES],
+                         ids=[c[0] for c in STEP_CASES])
+def test_train_step_matches_reference(
+    shape: tuple[int, ...], affine: bool, running: bool, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    w, b = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if running else None
+    rv = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) + 0.5 if running else None
+    before = None if rm is None else (rm.double().numpy().copy(), rv.double().numpy().copy())
+    x_, w_, b_ = _leaves(x, w, b)
+    w_, b_ = (w_, b_) if affine else (None, None)
+    assert cpu.train_step_applies(x_, w_, b_, rm, rv)
+    y, kept = cpu.batch_norm_train(x_, w_, b_, rm, rv, 0.3, 1e-5)
+    assert kept == 0
+    wn = w.double().numpy() if affine else None
+    bn = b.double().numpy() if affine else None
+    tol = _tol(dtype)
+    expected = reference.batch_norm_forward(x.double().numpy(), wn, bn, 1e-5)
+    torch.testing.assert_close(y.double(), torch.from_numpy(expected), **tol)
+    if running:
+        mean, var, count = reference.batch_stats(x.double().numpy())
+        new = reference.update_running_stats(*before, mean, var, count, 0.3, 0)
+        torch.testing.assert_close(rm.double(), torch.from_numpy(new[0]), **tol)
+        torch.testing.assert_close(rv.double(), torch.from_numpy(new[1]), **tol)
+    # An expanded (stride-0) gradient, as y.sum().backward() gives, is made contiguous.
+    dy = torch.randn(shape[1:], generator=g, dtype=torch.float64).to(dtype).expand(shape)
+    y.backward(dy)
+    dx, dw, db = reference.batch_norm_backward(dy.double().numpy(), x.double().numpy(), wn)
+    torch.testing.assert_close(x_.grad.double(), torch.from_numpy(dx), **tol)
+    if affine:
+        torch.testing.assert_close(w_.grad.double(), torch.from_numpy(dw), **tol)
+        torch.testing.assert_close(b_.grad.double(), torch.from_numpy(db), **tol)
+
+
+def test_train_step_applies_only_where_its_kernels_fit() -> None:
+    """Anything else goes to the general path, which also reports bad arguments."""
+    x, v = torch.randn(4, 16, 5), torch.ones(16)
+    assert cpu.train_step_applies(x, v, v, v.clone(), v.clone())
+    declined = {
+        "channels-last": (torch.randn(4, 16, 3, 5).to(memory_format=torch.channels_last), v),
+        "[N, C]": (torch.randn(4, 16), v),
+        "few channels": (torch.randn(4, 3, 5), torch.ones(3)),
+        "half precision": (torch.randn(4, 16, 5).half(), v.half()),
+        "weight of another dtype": (x, v.double()),
+        "weight of another size": (x, torch.ones(15)),
+        "2-D weight": (x, torch.ones(16, 1)),
+        "empty": (torch.randn(0, 16, 5), v),
+    }
+    for name, (x_, w) in declined.items():
+        assert not cpu.train_step_applies(x_, w, None, None, None), name
+    assert cpu.train_step_applies(torch.randn(4, 3, 5), None, None, None, None, act=1)
+    assert not cpu.train_step_applies(x, None, None, v.requires_grad_(), v.clone())
+    # The layers take the step, and BatchNormAct with its activation code.
+    calls = []
+    original = cpu._train_step
+
+    def spy(*args):  # noqa: ANN002, ANN202
+        calls.append(args[7])
+        return original(*args)
+
+    cpu._train_step = spy
+    try:
+        normlab.BatchNorm1d(16)(x)
+        normlab.BatchNormAct1d(16, act="silu")(torch.randn(64, 16, 80))
+    finally:
+        cpu._train_step = original
+    assert calls == [0, cpu.ACT_CODES["silu"]]
+
+
+def test_train_step_double_backward() -> None:
+    x = torch.randn(3, 8, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return cpu.batch_norm_train(x, w, None, None, None, 0.1, 1e-5)[0]
+
+    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
+    y, _ = cpu.batch_norm_train(x, w, None, None, None, 0.1, 1e-5, act=1)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_train_step_keeps_running_stats_of_non_finite_channels() -> None:
+    x = torch.randn(4, 16, 6)
+    x[1, 2, 3] = float("nan")
+    rm, rv = torch.zeros(16), torch.ones(16)
+    y, kept = cpu.batch_norm_train(x, None, None, rm, rv, 0.5, 1e-5)
+    assert kept == 1 and rm[2] == 0 and rv[2] == 1 and y[:, 2].isnan().all()
+    assert (rm != 0).sum() == 15
+    layer = normlab.BatchNorm1d(16)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        layer(x)
+    assert layer.running_mean[2] == 0 and layer.num_batches_tracked == 1
+
+
+# --------------------------------------------------------------------------------------
 # Determinism, threads, selection, cache
 
 
@@ -345,6 +455,9 @@ def test_threads_follow_torch() -> None:
         torch.set_num_threads(2)
         assert cpu.sync_threads(10**9) == min(2, cpu.numba.config.NUMBA_NUM_THREADS)
         assert cpu.sync_threads(10) == 1  # tiny inputs stay on the calling thread
+        assert cpu.numba.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert cpu.sync_threads(10**9) == cpu.numba.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
