@@ -558,18 +558,26 @@ def _act_grad(v, code, slope, zero, one):
 
 
 @_jit(parallel=True)
-def planes_forward(x, w, b, act, slope, block, stats, write, center, eps, y, mean, var, rstd):
+def planes_forward(
+    x, w, b, act, slope, block, stats, write, center, eps, y, mean, var, rstd,
+    running_mean, running_var, momentum,
+):
     """Per-channel statistics of ``x [N, C, S]`` (if ``stats``; else the given ``mean``,
     ``rstd`` are used) and, if ``write``, ``y = act((x - mean) * rstd * w + b)``.
-    ``w, b, mean, var, rstd [C]``, all in the data dtype. A task is ``block`` adjacent
-    channels, so that memory is read in runs of ``block * S`` values (short planes, read
-    one by one, defeat the hardware prefetcher); each channel is still summed in the same
-    order whatever the block."""
+    ``w, b, mean, var, rstd [C]``, all in the data dtype. With statistics and
+    ``running_mean``, ``running_var`` of ``C`` values (else pass empty arrays), updates
+    them as ``running_update`` does and returns how many channels kept theirs. A task is
+    ``block`` adjacent channels, so that memory is read in runs of ``block * S`` values
+    (short planes, read one by one, defeat the hardware prefetcher); each channel is
+    still summed in the same order whatever the block."""
     N, C, S = x.shape
     count = N * S
+    update = stats and running_mean.shape[0] == C
+    correction = count / (count - 1) if count > 1 else 1.0
     one = x.dtype.type(1.0)
     zero = x.dtype.type(0.0)
     sl = x.dtype.type(slope)
+    kept = 0
     for task in prange((C + block - 1) // block):
         c0 = task * block
         c1 = min(C, c0 + block)
@@ -603,6 +611,11 @@ def planes_forward(x, w, b, act, slope, block, stats, write, center, eps, y, mea
                     mean[c] = 0.0
                 var[c] = v
                 rstd[c] = 1.0 / np.sqrt(v + eps)
+            if update:
+                kept += running_update(
+                    running_mean[c0:c1], running_var[c0:c1], mean[c0:c1], var[c0:c1],
+                    correction, momentum,
+                )
         if write:
             for n in range(N):
                 for c in range(c0, c1):
@@ -617,6 +630,7 @@ def planes_forward(x, w, b, act, slope, block, stats, write, center, eps, y, mea
                     else:
                         for s in range(S):
                             ys[s] = _act((xs[s] - mt) * a + bc, act, sl, zero, one)
+    return kept
 
 
 @_jit(parallel=True)

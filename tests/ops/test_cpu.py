@@ -393,7 +393,7 @@ def test_train_step_applies_only_where_its_kernels_fit() -> None:
     original = cpu._train_step
 
     def spy(*args):  # noqa: ANN002, ANN202
-        calls.append(args[7])
+        calls.append(args[8])
         return original(*args)
 
     cpu._train_step = spy
