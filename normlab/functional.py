@@ -38,9 +38,15 @@ def _spatial_size(input: Tensor) -> int:
     return math.prod(input.shape[2:])
 
 
-def _check_channel_params(input: Tensor, **params: Tensor | None) -> None:
-    for name, value in params.items():
-        _checks.check_vector(value, name, input.shape[1], "channels of input (dim 1)")
+_CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _check_channel_params(input: Tensor, *params: Tensor | None) -> None:
+    """``weight, bias[, running_mean, running_var]``: ``None`` or ``[C]``."""
+    channels = input.shape[1]
+    for name, value in zip(_CHANNEL_PARAMS, params, strict=False):
+        if value is not None:
+            _checks.check_vector(value, name, channels, "channels of input (dim 1)")
 
 
 def _check_per_channel_args(
@@ -60,9 +66,7 @@ def _check_per_channel_args(
     _checks.check_min_dim(input, min_dim, "[N, C, *S]")
     _checks.check_eps(eps)
     _checks.check_momentum(momentum, allow_none=False)
-    _check_channel_params(
-        input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
+    _check_channel_params(input, weight, bias, running_mean, running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if needs_running and running_mean is None:
@@ -187,8 +191,13 @@ def batch_norm(
     kernels = ops.resolve(input, backend)
     if training:
         y = train_step(kernels, input, running_mean, running_var, weight, bias, momentum, eps)
-        if y is not None:
-            return y
+    else:
+        direct = getattr(kernels, "batch_norm_eval", None)
+        y = None if direct is None else direct(
+            input, running_mean, running_var, weight, bias, eps
+        )
+    if y is not None:
+        return y
     x4 = input.reshape(n, channels, 1, spatial)
     if not training:
         y4 = kernels.normalize_with_stats(x4, running_mean, running_var, weight, bias, eps=eps)
@@ -262,20 +271,28 @@ def group_norm(
         raise ValueError(
             f"num_groups ({num_groups}) must divide the number of channels of input ({channels})"
         )
-    _check_channel_params(input, weight=weight, bias=bias)
+    _check_channel_params(input, weight, bias)
+    kernels = ops.resolve(input, backend)
+    direct = getattr(kernels, "group_norm", None)
+    y = None if direct is None else direct(input, num_groups, weight, bias, eps)
+    if y is not None:
+        return y
     x4 = input.reshape(n, num_groups, channels // num_groups, spatial)
-    y4, _, _ = ops.resolve(input, backend).normalize(
-        x4, weight, bias, per_sample=True, center=True, eps=eps
-    )
+    y4, _, _ = kernels.normalize(x4, weight, bias, per_sample=True, center=True, eps=eps)
     return y4.reshape(input.shape)
+
+
+def _check_rows_args(
+    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
+) -> None:
+    _checks.check_trailing_shape(input, shape)
+    _checks.check_per_shape(weight, "weight", shape)
+    _checks.check_per_shape(bias, "bias", shape)
 
 
 def _rows_view(
     input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    _checks.check_trailing_shape(input, shape)
-    _checks.check_per_shape(weight, "weight", shape)
-    _checks.check_per_shape(bias, "bias", shape)
     features = math.prod(shape)
     rows = math.prod(input.shape[: input.dim() - len(shape)])
     x4 = input.reshape(rows, 1, features, 1)
@@ -299,10 +316,14 @@ def layer_norm(
     _checks.check_tensor(input)
     shape = _checks.normalized_shape_tuple(normalized_shape)
     _checks.check_eps(eps)
+    _check_rows_args(input, shape, weight, bias)
+    kernels = ops.resolve(input, backend)
+    direct = getattr(kernels, "layer_norm", None)
+    y = None if direct is None else direct(input, shape, weight, bias, eps)
+    if y is not None:
+        return y
     x4, weight, bias = _rows_view(input, shape, weight, bias)
-    y4, _, _ = ops.resolve(input, backend).normalize(
-        x4, weight, bias, per_sample=True, center=True, eps=eps
-    )
+    y4, _, _ = kernels.normalize(x4, weight, bias, per_sample=True, center=True, eps=eps)
     return y4.reshape(input.shape)
 
 
@@ -319,6 +340,7 @@ def rms_norm(
     _checks.check_tensor(input)
     shape = _checks.normalized_shape_tuple(normalized_shape)
     eps = torch.finfo(input.dtype).eps if eps is None else _checks.check_eps(eps)
+    _check_rows_args(input, shape, weight, None)
     x4, weight, _ = _rows_view(input, shape, weight, None)
     y4, _, _ = ops.resolve(input, backend).normalize(
         x4, weight, None, per_sample=True, center=False, eps=eps

@@ -129,7 +129,7 @@ def supports(x: Tensor) -> bool:
     """True for strided CPU tensors of a floating dtype the kernels handle, in the process
     that started numba's thread pool (not in a child forked from it)."""
     return (
-        x.device.type == "cpu"
+        x.is_cpu
         and x.dtype in _DTYPES
         and x.layout == torch.strided
         and not _in_forked_child
@@ -1115,8 +1115,25 @@ def backward_apply(
 
 
 def _same_dtype(x: Tensor, *params: Tensor | None) -> bool:
-    return x.dtype in (torch.float32, torch.float64) and all(
-        p is None or p.dtype == x.dtype for p in params
+    dtype = x.dtype
+    if dtype not in _STEP_DTYPES:
+        return False
+    for p in params:
+        if p is not None and p.dtype != dtype:
+            return False
+    return True
+
+
+def _native_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> bool:
+    """Whether eval-mode BatchNorm of ``x [N, C, *S]`` with statistics ``[C]`` runs
+    ``torch.batch_norm``: float32/float64 throughout, non-empty, statistics not
+    differentiated."""
+    return (
+        x.numel() > 0
+        and _same_dtype(x, mean, var, weight, bias)
+        and not (mean.requires_grad or var.requires_grad)
     )
 
 
@@ -1177,7 +1194,11 @@ class AutoBackend(ModuleType):
     LayerNorm and GroupNorm (``native_route``) and eval-mode BatchNorm/InstanceNorm with
     given statistics, which run torch's native kernels (measured faster: the kernels'
     eval pass is no faster than torch's and its Python wrapper costs more per call).
-    ``backend="cpu"`` always runs the kernels."""
+    Beyond the contract it offers whole-call entry points that ``normlab.functional``
+    tries first, so these routes cost no more Python than torch's own:
+    ``batch_norm_train`` (the one-call train step), ``batch_norm_eval``, ``layer_norm``
+    and ``group_norm`` (torch's native function on the input as it comes); each returns
+    ``None`` where it does not apply. ``backend="cpu"`` always runs the kernels."""
 
     NAME = NAME
 
@@ -1210,15 +1231,50 @@ class AutoBackend(ModuleType):
         *,
         eps: float,
     ) -> Tensor:
-        native = (
-            x4.shape[2] == 1
-            and x4.numel() > 0
-            and _same_dtype(x4, mean, var, weight, bias)
-            and not (mean.requires_grad or var.requires_grad)
-        )
-        if native:
+        if x4.shape[2] == 1 and _native_eval(x4, mean, var, weight, bias):
             return torch.batch_norm(x4, weight, bias, mean, var, False, 0.0, eps, False)
         return normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
+
+    @staticmethod
+    def layer_norm(
+        x: Tensor,
+        normalized_shape: tuple[int, ...],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor | None:
+        """LayerNorm of ``x`` as it comes by ``torch.layer_norm`` (``native_route``), or
+        ``None`` where the kernels run instead."""
+        if x.numel() == 0 or not _same_dtype(x, weight, bias):
+            return None
+        return torch.layer_norm(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def group_norm(
+        x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> Tensor | None:
+        """GroupNorm of ``x [N, C, *S]`` by ``torch.group_norm`` where ``native_route``
+        takes it (more than one channel per group, ``S > 1``), else ``None``."""
+        channels = x.shape[1]
+        spatial = x.numel() // (x.shape[0] * channels) if x.numel() else 0
+        if spatial <= 1 or channels == num_groups or not _same_dtype(x, weight, bias):
+            return None
+        return torch.group_norm(x, num_groups, weight, bias, eps)
+
+    @staticmethod
+    def batch_norm_eval(
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor | None:
+        """Eval-mode BatchNorm of ``x [N, C, *S]`` as it comes (no ``x4`` view: small
+        calls feel each op) by ``torch.batch_norm``, or ``None`` where it does not apply."""
+        if _native_eval(x, mean, var, weight, bias):
+            return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        return None
 
     batch_norm_train = staticmethod(batch_norm_train)
     moments = staticmethod(moments)

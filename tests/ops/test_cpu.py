@@ -567,6 +567,36 @@ def test_auto_eval_uses_torch_batch_norm_and_matches_the_kernels() -> None:
     torch.testing.assert_close(got, want)
 
 
+DIRECT_CASES = [  # functional call on "auto", torch's own function, "auto" takes torch's
+    ("layer_norm", lambda f, x, w, b: f.layer_norm(x, (5, 6), w, b), (3, 4, 5, 6), (5, 6), True),
+    ("group_norm", lambda f, x, w, b: f.group_norm(x, 2, w, b), (3, 4, 5, 6), (4,), True),
+    ("group_norm-instance", lambda f, x, w, b: f.group_norm(x, 4, w, b), (3, 4, 5, 6), (4,),
+     False),
+    ("batch_norm-eval", lambda f, x, w, b: f.batch_norm(x, w * 0.1, b.abs() + 0.5, w, b),
+     (3, 4, 5, 6), (4,), True),
+]
+
+
+@pytest.mark.parametrize(("fn", "shape", "pshape", "native"), [c[1:] for c in DIRECT_CASES],
+                         ids=[c[0] for c in DIRECT_CASES])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64], ids=str)
+def test_auto_matches_torch_natives_and_the_kernels(
+    fn, shape, pshape, native, param_dtype  # noqa: ANN001
+) -> None:
+    """LayerNorm, GroupNorm and eval BatchNorm on "auto": torch's native function itself
+    (bitwise), called on the input as it comes; the kernels where it declines (parameters of
+    another dtype, one channel per group), with the same results."""
+    x = torch.randn(shape) * 3 + 1
+    w, b = torch.randn(pshape, dtype=param_dtype), torch.randn(pshape, dtype=param_dtype)
+    with ops.use_backend("auto"):
+        got = fn(normlab.functional, x, w, b)
+    with ops.use_backend("cpu"):
+        kernels = fn(normlab.functional, x, w, b)
+    torch.testing.assert_close(got, kernels, rtol=1e-4, atol=1e-5)
+    if native and param_dtype == torch.float32:
+        assert torch.equal(got, fn(nn.functional, x, w, b))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_falls_back_to_torch_backend() -> None:
     """numba's GNU OpenMP pool is not fork-safe: a forked child that used the kernels
