@@ -564,13 +564,16 @@ def planes_forward(
 ):
     """Per-channel statistics of ``x [N, C, S]`` (if ``stats``; else the given ``mean``,
     ``rstd`` are used) and, if ``write``, ``y = act((x - mean) * rstd * w + b)``.
-    ``w, b, mean, var, rstd [C]``, all in the data dtype. With statistics and
+    ``mean, var, rstd [C]`` and ``w, b [C']``, ``C'`` dividing ``C`` (channel ``c`` takes
+    ``w[c % C']``: InstanceNorm runs its ``N*C`` planes as ``[1, N*C, S]``), all in the
+    data dtype. With statistics and
     ``running_mean``, ``running_var`` of ``C`` values (else pass empty arrays), updates
     them as ``running_update`` does and returns how many channels kept theirs. A task is
     ``block`` adjacent channels, so that memory is read in runs of ``block * S`` values
     (short planes, read one by one, defeat the hardware prefetcher); each channel is
     still summed in the same order whatever the block."""
     N, C, S = x.shape
+    wc = w.shape[0]
     count = N * S
     update = stats and running_mean.shape[0] == C
     correction = count / (count - 1) if count > 1 else 1.0
@@ -619,9 +622,9 @@ def planes_forward(
         if write:
             for n in range(N):
                 for c in range(c0, c1):
-                    a = rstd[c] * w[c]
+                    a = rstd[c] * w[c % wc]
                     mt = mean[c]
-                    bc = b[c]
+                    bc = b[c % wc]
                     xs = x[n, c]
                     ys = y[n, c]
                     if act == 0:
@@ -636,9 +639,11 @@ def planes_forward(
 @_jit(parallel=True)
 def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, db):
     """Backward of ``planes_forward`` in training: ``dx [N, C, S]`` and the parameter
-    grads ``dw, db [C]``. The pre-activation is recomputed from ``x`` (bit for bit as the
+    grads ``dw, db [C]`` (per plane of ``[1, N*C, S]``: the caller sums them over ``N``).
+    The pre-activation is recomputed from ``x`` (bit for bit as the
     forward computed it), so nothing but ``x`` and the statistics is saved."""
     N, C, S = x.shape
+    wc = w.shape[0]
     count = N * S
     one = x.dtype.type(1.0)
     zero = x.dtype.type(0.0)
@@ -663,8 +668,8 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
                         a1 += g
                         a2 += np.float64(g * (xs[s] - mt))
                 else:
-                    a = rstd[c] * w[c]
-                    bc = b[c]
+                    a = rstd[c] * w[c % wc]
+                    bc = b[c % wc]
                     for s in range(S):
                         d = xs[s] - mt
                         g = gs[s] * _act_grad(d * a + bc, act, sl, zero, one)
@@ -677,7 +682,7 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
         for c in range(c0, c1):
             i = c - c0
             r = np.float64(rstd[c])
-            a = np.float64(rstd[c] * w[c])
+            a = np.float64(rstd[c] * w[c % wc])
             db[c] = s1[i]
             dw[c] = s2[i] * r
             # dx = g * a + (x - mean) * k1 + k0 with per-channel k1, k0.
@@ -685,9 +690,9 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
             k0[i] = -a * (s1[i] / count) if center else 0.0
         for n in range(N):
             for c in range(c0, c1):
-                a = rstd[c] * w[c]
+                a = rstd[c] * w[c % wc]
                 mt = mean[c]
-                bc = b[c]
+                bc = b[c % wc]
                 c1_ = k1[c - c0]
                 c0_ = k0[c - c0]
                 xs = x[n, c]

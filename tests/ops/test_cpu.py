@@ -58,7 +58,9 @@ VIEWS = [
     View("layer_norm", (6, 1, 12, 1), True),
     View("rms_norm", (6, 1, 12, 1), True, center=False),
     View("group_norm", (3, 2, 3, 5), True),
-    View("instance_norm", (3, 4, 1, 7), True),
+    View("instance_norm", (3, 4, 1, 7), True),  # rows of <= PLANES_MAX_ROW: planes kernels
+    View("instance_norm-long-rows", (3, 4, 1, 100), True),  # rows kernels
+    View("instance_norm-large", (16, 64, 1, 49), True),  # planes, several threads and tasks
     View("group_norm-channels-last", (3, 2, 3, 5), True, layout="channels_last"),
     View("batch_norm", (4, 3, 1, 10), False),
     View("batch_norm-NC", (8, 5, 1, 1), False),
