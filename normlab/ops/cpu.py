@@ -865,6 +865,61 @@ def _step_vector_ok(t: Tensor | None, size: tuple[int], dtype: torch.dtype) -> b
     )
 
 
+# Axes that put the channels last, by rank: the cols layout's view of a channels-last
+# (or [N, C]) tensor.
+_CHANNELS_LAST_AXES = {2: (0, 1), 3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+_CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _step_layout(x: Tensor, act: int) -> str | None:
+    """The kernels of the one-call train step for ``x [N, C, *S]``: ``"planes"``
+    (contiguous NCHW with ``S > 1`` and at least ``PLANES_MIN_CHANNELS`` channels, or any
+    contiguous input with a fused activation), ``"cols"`` (``[N, C]``-like or channels-last
+    input, no activation), else ``None``."""
+    c = x.shape[1]
+    single_values = x.numel() == x.shape[0] * c  # S == 1: [N, C] or [N, C, 1, ...]
+    if x.is_contiguous():
+        if act or not (single_values or c < PLANES_MIN_CHANNELS):
+            return "planes"
+        return "cols" if single_values else None
+    fmt = _CHANNELS_LAST_FORMATS.get(x.dim())
+    if not act and fmt is not None and x.is_contiguous(memory_format=fmt):
+        return "cols"
+    return None
+
+
+def _train_step_layout(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    act: int,
+) -> str | None:
+    """:func:`_step_layout` where :func:`batch_norm_train` applies, else ``None``."""
+    dtype = x.dtype
+    if (
+        dtype not in _STEP_DTYPES
+        or x.dim() < 2
+        or x.numel() == 0
+        or not supports(x)
+        or not _eager(x)
+        or _composite_only(x)
+    ):
+        return None
+    layout = _step_layout(x, act)
+    size = (x.shape[1],)
+    ok = (
+        layout is not None
+        and _step_vector_ok(weight, size, dtype)
+        and _step_vector_ok(bias, size, dtype)
+        and _step_vector_ok(running_mean, size, dtype)
+        and _step_vector_ok(running_var, size, dtype)
+        and (running_mean is None or not (running_mean.requires_grad or running_var.requires_grad))
+    )
+    return layout if ok else None
+
+
 def train_step_applies(
     x: Tensor,
     weight: Tensor | None,
@@ -873,32 +928,17 @@ def train_step_applies(
     running_var: Tensor | None,
     act: int = 0,
 ) -> bool:
-    """Whether :func:`batch_norm_train` runs ``x [N, C, *S]``: contiguous, non-empty
-    float32/float64 CPU input in plain eager mode, vectors ``[C]`` of its dtype (running
-    buffers not requiring grad), and planes worth running (``S > 1`` and at least
-    ``PLANES_MIN_CHANNELS`` channels, or a fused activation)."""
-    dtype = x.dtype
-    if (
-        dtype not in _STEP_DTYPES
-        or x.dim() < 2
-        or x.numel() == 0
-        or not x.is_contiguous()
-        or not supports(x)
-        or not _eager(x)
-        or _composite_only(x)
-    ):
-        return False
-    size = (x.shape[1],)
-    single_values = x.numel() == x.shape[0] * size[0]  # S == 1: [N, C] or [N, C, 1, ...]
-    if not act and (single_values or size[0] < PLANES_MIN_CHANNELS):
-        return False
-    return (
-        _step_vector_ok(weight, size, dtype)
-        and _step_vector_ok(bias, size, dtype)
-        and _step_vector_ok(running_mean, size, dtype)
-        and _step_vector_ok(running_var, size, dtype)
-        and (running_mean is None or not (running_mean.requires_grad or running_var.requires_grad))
-    )
+    """Whether :func:`batch_norm_train` runs ``x [N, C, *S]``: non-empty float32/float64
+    CPU input in plain eager mode, in a layout of :func:`_step_layout`, with vectors
+    ``[C]`` of its dtype (running buffers not requiring grad)."""
+    return _train_step_layout(x, weight, bias, running_mean, running_var, act) is not None
+
+
+def _cols_np(t: Tensor, channels: int):  # noqa: ANN202  (numpy array)
+    """``t [N, C, *S]`` (channels-last or ``[N, C]``-like) as a ``[N*S, C]`` numpy view."""
+    a = t.detach().numpy().transpose(_CHANNELS_LAST_AXES[t.dim()]).view()
+    a.shape = (-1, channels)  # raises rather than copy: the kernels write through views
+    return a
 
 
 @functools.lru_cache(maxsize=64)
@@ -921,6 +961,7 @@ def _train_step(
     eps: float,
     act: int,
     slope: float,
+    layout: str,
 ) -> tuple[Tensor, int]:
     """``(y, kept)``: the output and how many channels' running statistics were kept
     (non-finite batch statistics). With an autograd ``ctx``, saves what backward needs:
@@ -929,7 +970,6 @@ def _train_step(
     All bookkeeping comes before the kernel call: Python right after a kernel that
     streamed tens of MB runs with cold caches, each op costing 10-70 us."""
     n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
     dtype = x.dtype
     sync_threads(x.numel())
     y = torch.empty_like(x)
@@ -937,18 +977,29 @@ def _train_step(
     mean, var, rstd = stats.numpy()
     if ctx is not None:
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.eps, ctx.act, ctx.slope = eps, act, slope
+        ctx.eps, ctx.act, ctx.slope, ctx.layout = eps, act, slope, layout
         ctx.set_materialize_grads(False)
     update = running_mean is not None
     if update:
         # Written behind autograd's back: count the writes (see update_running_stats).
         torch.autograd.graph.increment_version((running_mean, running_var))
+    w, b = _param_np(weight, c, dtype, 1.0), _param_np(bias, c, dtype, 0.0)
+    rm = running_mean.numpy() if update else _NO_RUNNING[dtype]
+    rv = running_var.numpy() if update else _NO_RUNNING[dtype]
+    if layout == "cols":
+        x2, y2 = _cols_np(x, c), _cols_np(y, c)
+        scratch = np.empty((_pieces(x2.shape[0], c, x.element_size()), 2, c))
+        K.channel_cols_forward(
+            x2, w, b, True, True, True, eps, y2, mean, var, rstd, scratch, _zero(dtype)
+        )
+        count = x2.shape[0]
+        kept = K.running_update(rm, rv, mean, var, count / (count - 1), momentum) if update else 0
+        return y, kept
+    s = x.numel() // (n * c)
     kept = K.planes_forward(
-        x.detach().numpy().reshape(n, c, s), _param_np(weight, c, dtype, 1.0),
-        _param_np(bias, c, dtype, 0.0), act, slope, _planes_block(n, c, s, x.element_size()),
-        True, True, True, eps, y.numpy().reshape(n, c, s), mean, var, rstd,
-        running_mean.numpy() if update else _NO_RUNNING[dtype],
-        running_var.numpy() if update else _NO_RUNNING[dtype], momentum,
+        x.detach().numpy().reshape(n, c, s), w, b, act, slope,
+        _planes_block(n, c, s, x.element_size()), True, True, True, eps,
+        y.numpy().reshape(n, c, s), mean, var, rstd, rm, rv, momentum,
     )
     return y, kept
 
@@ -961,15 +1012,15 @@ def _train_step_backward(
     stats: Tensor,
     act: int,
     slope: float,
+    layout: str,
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dweight, dbias)`` of :func:`_train_step`, ``None`` where ``needs`` (or a
     missing parameter) says no gradient; built before the kernel call, which fills them."""
     n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
     dtype = x.dtype
-    if not dy.is_contiguous() or dy.dtype != dtype:
-        dy = dy.to(dtype).contiguous()
+    if dy.dtype != dtype or dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)  # the kernels read dy in x's layout
     sync_threads(x.numel())
     dx = torch.empty_like(x)
     grads = torch.empty(2, c, dtype=dtype)
@@ -981,10 +1032,20 @@ def _train_step_backward(
         dweight if needs[1] and weight is not None else None,
         dbias if needs[2] and bias is not None else None,
     )
+    w = _param_np(weight, c, dtype, 1.0)
+    if layout == "cols":
+        x2 = _cols_np(x, c)
+        scratch = np.empty((_pieces(x2.shape[0], c, x.element_size()), 2, c))
+        K.channel_cols_backward(
+            _cols_np(dy, c), x2, st[0], st[2], w, True, True, x2.shape[0], db, dw,
+            _cols_np(dx, c), scratch, _zero(dtype),
+        )
+        return result
+    s = x.numel() // (n * c)
     K.planes_backward(
-        dy.numpy().reshape(n, c, s), x.detach().numpy().reshape(n, c, s), st[0], st[2],
-        _param_np(weight, c, dtype, 1.0), _param_np(bias, c, dtype, 0.0), act, slope,
-        _planes_block(n, c, s, x.element_size()), True, dx.numpy().reshape(n, c, s), dw, db,
+        dy.numpy().reshape(n, c, s), x.detach().numpy().reshape(n, c, s), st[0], st[2], w,
+        _param_np(bias, c, dtype, 0.0), act, slope, _planes_block(n, c, s, x.element_size()),
+        True, dx.numpy().reshape(n, c, s), dw, db,
     )
     return result
 
@@ -1001,7 +1062,7 @@ class _TrainStepFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor | None, _kept: Any) -> tuple:
         x, weight, bias, stats = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        rest = (None,) * 6
+        rest = (None,) * 7
         if dy is None:
             return (None, None, None, *rest)
         if torch.is_grad_enabled():  # create_graph=True: differentiable grads
@@ -1019,7 +1080,9 @@ class _TrainStepFunction(torch.autograd.Function):
                 return y4.view(x.shape)
 
             return (*_composite_grads(dy, (x, weight, bias), needs, forward), *rest)
-        grads = _train_step_backward(dy, x, weight, bias, stats, ctx.act, ctx.slope, needs)
+        grads = _train_step_backward(
+            dy, x, weight, bias, stats, ctx.act, ctx.slope, ctx.layout, needs
+        )
         return (*grads, *rest)
 
 
@@ -1041,10 +1104,11 @@ def batch_norm_train(
     kept)``, ``kept`` the count of channels that kept theirs, or ``None`` where
     :func:`train_step_applies` says no (the caller takes the general path). Arguments are
     assumed checked (``normlab.functional.batch_norm``)."""
-    if not train_step_applies(x, weight, bias, running_mean, running_var, act):
+    layout = _train_step_layout(x, weight, bias, running_mean, running_var, act)
+    if layout is None:
         return None
     args = (x, weight, bias, running_mean, running_var, float(momentum), float(eps), act,
-            float(slope))
+            float(slope), layout)
     if _needs_grad(x, weight, bias):
         return _TrainStepFunction.apply(*args)
     return _train_step(None, *args)

@@ -326,23 +326,29 @@ def test_compile_fullgraph_has_no_graph_break(
 # --------------------------------------------------------------------------------------
 # BatchNorm's one-call train step (cpu.batch_norm_train), against the NumPy reference
 
-STEP_CASES = [  # id, x shape, affine, running buffers
-    ("bn2d", (4, 16, 3, 5), True, True),
-    ("bn1d-sequence", (5, 8, 7), True, True),
-    ("bn3d-no-affine", (2, 8, 2, 3, 4), False, True),
-    ("no-running-stats", (4, 16, 3, 5), True, False),
+STEP_CASES = [  # id, x shape, affine, running buffers, memory format (planes / cols kernels)
+    ("bn2d", (4, 16, 3, 5), True, True, torch.contiguous_format),
+    ("bn1d-sequence", (5, 8, 7), True, True, torch.contiguous_format),
+    ("bn3d-no-affine", (2, 8, 2, 3, 4), False, True, torch.contiguous_format),
+    ("no-running-stats", (4, 16, 3, 5), True, False, torch.contiguous_format),
+    ("bn1d-NC", (50, 6), True, True, torch.contiguous_format),
+    ("bn2d-1x1", (40, 6, 1, 1), True, True, torch.contiguous_format),
+    ("bn2d-channels-last", (4, 3, 3, 5), True, True, torch.channels_last),
+    ("bn3d-channels-last", (2, 5, 2, 3, 4), True, False, torch.channels_last_3d),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize(("shape", "affine", "running"), [c[1:] for c in STEP_CASES],
+@pytest.mark.parametrize(("shape", "affine", "running", "fmt"), [c[1:] for c in STEP_CASES],
                          ids=[c[0] for c in STEP_CASES])
 def test_train_step_matches_reference(
-    shape: tuple[int, ...], affine: bool, running: bool, dtype: torch.dtype
+    shape: tuple[int, ...], affine: bool, running: bool, fmt: torch.memory_format,
+    dtype: torch.dtype,
 ) -> None:
     g = torch.Generator().manual_seed(3)
     c = shape[1]
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    x = x.contiguous(memory_format=fmt)
     w, b = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
     rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if running else None
     rv = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) + 0.5 if running else None
@@ -351,7 +357,7 @@ def test_train_step_matches_reference(
     w_, b_ = (w_, b_) if affine else (None, None)
     assert cpu.train_step_applies(x_, w_, b_, rm, rv)
     y, kept = cpu.batch_norm_train(x_, w_, b_, rm, rv, 0.3, 1e-5)
-    assert kept == 0
+    assert kept == 0 and y.is_contiguous(memory_format=fmt)
     wn = w.double().numpy() if affine else None
     bn = b.double().numpy() if affine else None
     tol = _tol(dtype)
@@ -375,19 +381,22 @@ def test_train_step_matches_reference(
 def test_train_step_applies_only_where_its_kernels_fit() -> None:
     """Anything else goes to the general path, which also reports bad arguments."""
     x, v = torch.randn(4, 16, 5), torch.ones(16)
+    channels_last = torch.randn(4, 16, 3, 5).to(memory_format=torch.channels_last)
     assert cpu.train_step_applies(x, v, v, v.clone(), v.clone())
+    assert cpu._step_layout(x, 0) == "planes"
+    assert cpu._step_layout(channels_last, 0) == cpu._step_layout(torch.randn(4, 16), 0) == "cols"
     declined = {
-        "channels-last": (torch.randn(4, 16, 3, 5).to(memory_format=torch.channels_last), v),
-        "[N, C]": (torch.randn(4, 16), v),
-        "few channels": (torch.randn(4, 3, 5), torch.ones(3)),
-        "half precision": (torch.randn(4, 16, 5).half(), v.half()),
-        "weight of another dtype": (x, v.double()),
-        "weight of another size": (x, torch.ones(15)),
-        "2-D weight": (x, torch.ones(16, 1)),
-        "empty": (torch.randn(0, 16, 5), v),
+        "channels-last with an activation": (channels_last, v, 1),
+        "strided": (torch.randn(4, 16, 10)[..., ::2], v, 0),
+        "few channels": (torch.randn(4, 3, 5), torch.ones(3), 0),
+        "half precision": (torch.randn(4, 16, 5).half(), v.half(), 0),
+        "weight of another dtype": (x, v.double(), 0),
+        "weight of another size": (x, torch.ones(15), 0),
+        "2-D weight": (x, torch.ones(16, 1), 0),
+        "empty": (torch.randn(0, 16, 5), v, 0),
     }
-    for name, (x_, w) in declined.items():
-        assert not cpu.train_step_applies(x_, w, None, None, None), name
+    for name, (x_, w, act) in declined.items():
+        assert not cpu.train_step_applies(x_, w, None, None, None, act), name
     assert cpu.train_step_applies(torch.randn(4, 3, 5), None, None, None, None, act=1)
     assert not cpu.train_step_applies(x, None, None, v.requires_grad_(), v.clone())
     # The layers take the step, and BatchNormAct with its activation code.
