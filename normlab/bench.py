@@ -371,8 +371,8 @@ def _backend_label() -> str:
     name = normlab.ops.requested()
     chosen = normlab.ops.resolve(torch.empty(1))
     if name == "auto" and chosen.__name__.endswith(".auto"):
-        return (f"auto ({chosen.NAME} kernels; LayerNorm, GroupNorm, eval and [N, C] "
-                "BatchNorm train on torch's native kernels)")
+        return (f"auto ({chosen.NAME} kernels; LayerNorm, GroupNorm and eval BatchNorm on "
+                "torch's native kernels)")
     return f"{name} ({chosen.NAME})" if name == "auto" else name
 
 
