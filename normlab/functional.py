@@ -126,6 +126,13 @@ def update_running_stats(
     running_var.copy_(new_var)
 
 
+def _direct(kernels: ModuleType, entry: str, *args: object) -> object | None:
+    """The backend's whole-call entry point ``entry`` (see ``normlab.ops``) on ``args``, or
+    ``None`` where the backend has none or it declines the input."""
+    call = getattr(kernels, entry, None)
+    return None if call is None else call(*args)
+
+
 def train_step(
     kernels: ModuleType,
     input: Tensor,
@@ -141,9 +148,9 @@ def train_step(
     """A backend's one-call BatchNorm train step (``batch_norm_train``: statistics,
     output with an optional fused activation, running update) on checked arguments, or
     ``None`` where the backend has none for this input."""
-    step = getattr(kernels, "batch_norm_train", None)
-    result = None if step is None else step(
-        input, weight, bias, running_mean, running_var, momentum, eps, act, slope
+    result = _direct(
+        kernels, "batch_norm_train", input, weight, bias, running_mean, running_var,
+        momentum, eps, act, slope,
     )
     if result is None:
         return None
@@ -192,10 +199,8 @@ def batch_norm(
     if training:
         y = train_step(kernels, input, running_mean, running_var, weight, bias, momentum, eps)
     else:
-        direct = getattr(kernels, "batch_norm_eval", None)
-        y = None if direct is None else direct(
-            input, running_mean, running_var, weight, bias, eps
-        )
+        y = _direct(kernels, "batch_norm_eval", input, running_mean, running_var, weight, bias,
+                    eps)
     if y is not None:
         return y
     x4 = input.reshape(n, channels, 1, spatial)
@@ -273,8 +278,7 @@ def group_norm(
         )
     _check_channel_params(input, weight, bias)
     kernels = ops.resolve(input, backend)
-    direct = getattr(kernels, "group_norm", None)
-    y = None if direct is None else direct(input, num_groups, weight, bias, eps)
+    y = _direct(kernels, "group_norm", input, num_groups, weight, bias, eps)
     if y is not None:
         return y
     x4 = input.reshape(n, num_groups, channels // num_groups, spatial)
@@ -318,8 +322,7 @@ def layer_norm(
     _checks.check_eps(eps)
     _check_rows_args(input, shape, weight, bias)
     kernels = ops.resolve(input, backend)
-    direct = getattr(kernels, "layer_norm", None)
-    y = None if direct is None else direct(input, shape, weight, bias, eps)
+    y = _direct(kernels, "layer_norm", input, shape, weight, bias, eps)
     if y is not None:
         return y
     x4, weight, bias = _rows_view(input, shape, weight, bias)
