@@ -106,44 +106,21 @@ def batch_norm_act(
     :func:`normlab.functional.batch_norm` plus the activation ``act`` (and leaky_relu's
     ``slope``). Running statistics are updated in place in training, as there."""
     act, slope = check_activation(act, slope)
-    if not (training and fused_supported(input, backend)):
-        y = F.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            backend=backend,
+    if training and fused_supported(input, backend):
+        # functional.batch_norm's own checks, with its messages, before any buffer changes.
+        F._check_per_channel_args(
+            input, 2, running_mean, running_var, weight, bias, momentum, eps, None
         )
-        return activation(y, act, slope)
-    _check_args(input, running_mean, running_var, weight, bias, momentum, eps)
-    y = F.train_step(
-        cpu, input, running_mean, running_var, weight, bias, momentum, eps,
-        cpu.ACT_CODES[act], slope,
+        _checks.check_values_per_channel(input)
+        y = F.train_step(
+            cpu, input, running_mean, running_var, weight, bias, momentum, eps,
+            cpu.ACT_CODES[act], slope,
+        )
+        if y is not None:
+            return y
+    # The composite path, also for parameters of another dtype or layout than the input's.
+    y = F.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        backend=backend,
     )
-    if y is None:  # parameters of another dtype or layout than the input's
-        y = F.batch_norm(
-            input, running_mean, running_var, weight, bias, True, momentum, eps,
-            backend=backend,
-        )
-        return activation(y, act, slope)
-    return y
-
-
-def _check_args(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float,
-    eps: float,
-) -> None:
-    """The checks of ``functional.batch_norm`` in training, with its messages."""
-    _checks.check_eps(eps)
-    _checks.check_momentum(momentum, allow_none=False)
-    channels = input.shape[1]
-    for name, value in (
-        ("weight", weight), ("bias", bias), ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        _checks.check_vector(value, name, channels, "channels of input (dim 1)")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
-    _checks.check_values_per_channel(input)
+    return activation(y, act, slope)
