@@ -1236,21 +1236,21 @@ def native_route(
     x4: Tensor, weight: Tensor | None, bias: Tensor | None, per_sample: bool, center: bool
 ) -> str | None:
     """Which torch native kernel ``"auto"`` uses for a train-mode ``normalize`` of ``x4``
-    (``"layer_norm"``, ``"group_norm"``, ``"batch_norm"``), or ``None`` for the numba kernels.
+    (``"layer_norm"``, ``"group_norm"``), or ``None`` for the numba kernels.
 
-    BatchNorm of ``[N, C]`` inputs (``S == 1``) as well: the kernels' two Python-wrapped
-    calls cost more than torch's whole step on (512, 1024) (0.6-0.9x).
+    Per-channel statistics (BatchNorm and the variants built on ``normalize``) always run
+    the kernels: they give a channel that saw one value exactly ``bias`` (torch's rounding
+    of ``x - mean`` is amplified by ``1/sqrt(eps)`` there), and plain BatchNorm takes the
+    one-call train step before it gets here.
 
     LayerNorm (``x4 [rows, 1, F, 1]``) and GroupNorm (``K > 1``, ``S > 1``) are memory
     bound and torch's native kernels already reach the copy bandwidth there, with less
     per-call cost than the kernels' Python wrapper (``normlab bench``: 0.7-1.0x). Only
     float32/float64 with parameters of the input's dtype, and non-empty inputs.
     """
-    if not center or x4.numel() == 0 or not _same_dtype(x4, weight, bias):
+    if not (center and per_sample) or x4.numel() == 0 or not _same_dtype(x4, weight, bias):
         return None
     _, g, k, s = x4.shape
-    if not per_sample:
-        return "batch_norm" if k == 1 and s == 1 else None
     if g == 1 and s == 1:
         return "layer_norm"
     if k > 1 and s > 1:
@@ -1269,10 +1269,6 @@ def _native_normalize(
     is recovered from their ``rstd`` (``rstd**-2 - eps``; the layers routed here do not
     use it) and the statistics are not differentiable, as with the kernels."""
     n, g, k, s = x4.shape
-    if route == "batch_norm":
-        y, mean, rstd = torch.native_batch_norm(x4, weight, bias, None, None, True, 0.0, eps)
-        var = (rstd.detach().pow(-2) - eps).clamp_(min=0.0)
-        return y, mean.detach(), var
     if route == "layer_norm":
         y, mean, rstd = torch.native_layer_norm(x4.reshape(n, k), (k,), weight, bias, eps)
     else:

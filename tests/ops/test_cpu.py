@@ -543,7 +543,7 @@ AUTO_ROUTES = [
     ((4, 6, 1, 9), True, True, None),  # InstanceNorm: kernels
     ((8, 1, 32, 1), True, False, None),  # RMSNorm: kernels
     ((4, 6, 1, 9), False, True, None),  # BatchNorm train: kernels
-    ((8, 5, 1, 1), False, True, "batch_norm"),  # BatchNorm1d of [N, C]
+    ((8, 5, 1, 1), False, True, None),  # BatchNorm of [N, C] (renorm, ghost): kernels
 ]
 
 
