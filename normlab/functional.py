@@ -255,6 +255,21 @@ def instance_norm(
     return y4.reshape(input.shape)
 
 
+def _check_group_norm_args(
+    input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> None:
+    _checks.check_tensor(input)
+    _checks.check_min_dim(input, 2, "[N, C, *]")
+    _checks.check_positive_int(num_groups, "num_groups")
+    _checks.check_eps(eps)
+    channels = input.shape[1]
+    if channels % num_groups:
+        raise ValueError(
+            f"num_groups ({num_groups}) must divide the number of channels of input ({channels})"
+        )
+    _check_channel_params(input, weight, bias)
+
+
 def group_norm(
     input: Tensor,
     num_groups: int,
@@ -267,16 +282,8 @@ def group_norm(
     """Group Normalization of ``input [N, C, *S]``: statistics per sample over each group
     of ``C / num_groups`` channels (and ``*S``). ``num_groups=1`` is LayerNorm over
     ``(C, *S)``; ``num_groups=C`` is InstanceNorm."""
-    _checks.check_tensor(input)
-    _checks.check_min_dim(input, 2, "[N, C, *]")
-    _checks.check_positive_int(num_groups, "num_groups")
-    _checks.check_eps(eps)
+    _check_group_norm_args(input, num_groups, weight, bias, eps)
     n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
-    if channels % num_groups:
-        raise ValueError(
-            f"num_groups ({num_groups}) must divide the number of channels of input ({channels})"
-        )
-    _check_channel_params(input, weight, bias)
     kernels = ops.resolve(input, backend)
     y = _direct(kernels, "group_norm", input, num_groups, weight, bias, eps)
     if y is not None:
@@ -307,6 +314,21 @@ def _flat_or_none(param: Tensor | None, features: int) -> Tensor | None:
     return None if param is None else param.reshape(features)
 
 
+def _check_layer_norm_args(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[int, ...]:
+    """The checks of layer_norm; returns ``normalized_shape`` as a tuple."""
+    _checks.check_tensor(input)
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    _checks.check_eps(eps)
+    _check_rows_args(input, shape, weight, bias)
+    return shape
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape: int | Sequence[int],
@@ -317,10 +339,7 @@ def layer_norm(
     backend: str | None = None,
 ) -> Tensor:
     """Layer Normalization over the trailing ``normalized_shape`` dimensions of ``input``."""
-    _checks.check_tensor(input)
-    shape = _checks.normalized_shape_tuple(normalized_shape)
-    _checks.check_eps(eps)
-    _check_rows_args(input, shape, weight, bias)
+    shape = _check_layer_norm_args(input, normalized_shape, weight, bias, eps)
     kernels = ops.resolve(input, backend)
     y = _direct(kernels, "layer_norm", input, shape, weight, bias, eps)
     if y is not None:
@@ -344,8 +363,10 @@ def rms_norm(
     shape = _checks.normalized_shape_tuple(normalized_shape)
     eps = torch.finfo(input.dtype).eps if eps is None else _checks.check_eps(eps)
     _check_rows_args(input, shape, weight, None)
+    kernels = ops.resolve(input, backend)
+    y = _direct(kernels, "rms_norm", input, shape, weight, eps)
+    if y is not None:
+        return y
     x4, weight, _ = _rows_view(input, shape, weight, None)
-    y4, _, _ = ops.resolve(input, backend).normalize(
-        x4, weight, None, per_sample=True, center=False, eps=eps
-    )
+    y4, _, _ = kernels.normalize(x4, weight, None, per_sample=True, center=False, eps=eps)
     return y4.reshape(input.shape)

@@ -4,10 +4,11 @@ Each subclasses the plain normlab layer, so parameters, buffers and state_dict k
 plain layer's: a ``BatchNorm2d`` checkpoint loads into ``BatchNormAct2d`` and back. ``act``
 is one of ``relu``, ``leaky_relu`` (with ``slope``), ``silu``, ``gelu`` (exact), ``identity``.
 
-``BatchNormAct*d`` in training on a contiguous float32/float64 CPU tensor with the ``auto``
-or ``cpu`` backend runs the fused kernels of :mod:`normlab.ops.fused_act` (one pass forward,
-two per channel backward, only the input saved); elsewhere, and for ``GroupNormAct`` /
-``LayerNormAct``, it is the norm on the selected backend followed by the activation.
+On a contiguous float32/float64 CPU tensor with the ``auto`` or ``cpu`` backend and a
+``relu``/``leaky_relu`` activation, ``BatchNormAct*d`` (in training), ``GroupNormAct`` and
+``LayerNormAct`` run the fused kernels of :mod:`normlab.ops.fused_act` (one pass forward,
+two per channel or row backward, only the input saved); elsewhere they are the norm on
+the selected backend followed by the activation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from torch import Tensor
 from normlab import _checks
 from normlab.nn.batchnorm import BatchNormBase
 from normlab.nn.normalization import GroupNorm, LayerNorm
-from normlab.ops.fused_act import activation, batch_norm_act, check_activation
+from normlab.ops.fused_act import (
+    activation,
+    batch_norm_act,
+    check_activation,
+    group_norm_act,
+    layer_norm_act,
+)
 
 __all__ = [
     "BatchNormActBase",
@@ -130,7 +137,11 @@ class GroupNormAct(_ActMixin, GroupNorm):
         return super().extra_repr() + self._act_repr()
 
     def forward(self, input: Tensor) -> Tensor:
-        return activation(super().forward(input), self.act, self.slope)
+        self._check_input(input)
+        return group_norm_act(
+            input, self.num_groups, self.weight, self.bias, self.eps,
+            act=self.act, slope=self.slope,
+        )
 
 
 class LayerNormAct(_ActMixin, LayerNorm):
@@ -155,4 +166,7 @@ class LayerNormAct(_ActMixin, LayerNorm):
         return super().extra_repr() + self._act_repr()
 
     def forward(self, input: Tensor) -> Tensor:
-        return activation(super().forward(input), self.act, self.slope)
+        return layer_norm_act(
+            input, self.normalized_shape, self.weight, self.bias, self.eps,
+            act=self.act, slope=self.slope,
+        )

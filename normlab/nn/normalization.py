@@ -58,7 +58,7 @@ class GroupNorm(nn.Module):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input: Tensor) -> None:
         _checks.check_tensor(input)
         _checks.check_min_dim(input, 2, "[N, C, *]")
         if input.shape[1] != self.num_channels:
@@ -66,6 +66,9 @@ class GroupNorm(nn.Module):
                 f"expected input with num_channels={self.num_channels} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

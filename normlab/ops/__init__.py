@@ -10,7 +10,7 @@ and a ``supports(x) -> bool`` telling whether it can run on that tensor (the com
 ``torch`` backend runs on everything). A backend may also offer whole-call entry points
 that ``normlab.functional`` tries first, each returning ``None`` where it does not apply:
 ``batch_norm_train`` (statistics, output and running update in one call),
-``batch_norm_eval``, ``layer_norm``, ``group_norm`` (see ``normlab.ops.cpu``).
+``batch_norm_eval``, ``layer_norm``, ``group_norm``, ``rms_norm`` (see ``normlab.ops.cpu``).
 
 The backend is chosen, first match wins, by: the ``backend=`` argument of a functional
 call, the innermost ``normlab.use_backend(...)`` context, the ``NORMLAB_BACKEND``

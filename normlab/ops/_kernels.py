@@ -25,8 +25,6 @@ signatures per kernel. Flags are runtime arguments, not compile-time variants.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
@@ -140,16 +138,46 @@ def _moments(v, shift, i, center, zero):
     return m + s1 / n, s2 - s1 * s1 / n
 
 
+# Activations fused into the kernels: the piecewise-linear ones, whose value and slope are
+# a compare and a select, so the loops still vectorize. silu and gelu need exp/erf, which
+# numba calls one value at a time (no vector math library: ~10-25 ns a value, 3-8x slower
+# than torch's vectorized ones): they are not fused (see normlab.ops.fused_act).
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
+
+
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _act(v, code, slope, zero):
+    """Activation ``code`` (``ACT_CODES``) of ``v``; ``slope``: leaky_relu's."""
+    if code == 0 or v > zero:
+        return v
+    if code == 1:
+        return zero  # not v * 0: relu(-inf) is 0, not NaN
+    return v * slope
+
+
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _act_grad(v, code, slope, zero, one):
+    """Derivative of ``_act`` at the pre-activation ``v``."""
+    if code == 0 or v > zero:
+        return one
+    if code == 1:
+        return zero
+    return slope
+
+
 @_jit(parallel=True)
-def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, zero):
-    """Per-row statistics and (if ``write``) the normalized, affine output, fused: the row
-    is read from memory once and re-read from cache.
+def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, act, slope, zero):
+    """Per-row statistics and (if ``write``) the normalized, affine output with the
+    activation ``act`` (``ACT_CODES``; ``slope``: leaky_relu's), fused: the row is read
+    from memory once and re-read from cache.
 
     x, y ``[R, L]``; w, b ``[G*K]``; mean, var, rstd ``[R]`` (outputs).
     """
     R, L = x.shape
     per_group = w.shape[0] // groups
     spatial = L // per_group
+    zero_ = x.dtype.type(0.0)
+    sl = x.dtype.type(slope)
     for r in prange(R):
         xr = x[r]
         m, m2 = _moments(xr, mean, r, center, zero)
@@ -165,23 +193,34 @@ def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, zero):
             wg = w[g0:g0 + per_group]
             bg = b[g0:g0 + per_group]
             if spatial == 1:
-                for k in range(per_group):
-                    yr[k] = (xr[k] - mt) * (rt * wg[k]) + bg[k]
+                if act == 0:
+                    for k in range(per_group):
+                        yr[k] = (xr[k] - mt) * (rt * wg[k]) + bg[k]
+                else:
+                    for k in range(per_group):
+                        yr[k] = _act((xr[k] - mt) * (rt * wg[k]) + bg[k], act, sl, zero_)
             else:
                 for k in range(per_group):
                     a = rt * wg[k]
                     c = bg[k]
                     xs = xr[k * spatial:(k + 1) * spatial]
                     ys = yr[k * spatial:(k + 1) * spatial]
-                    for s in range(spatial):
-                        ys[s] = (xs[s] - mt) * a + c
+                    if act == 0:
+                        for s in range(spatial):
+                            ys[s] = (xs[s] - mt) * a + c
+                    else:
+                        for s in range(spatial):
+                            ys[s] = _act((xs[s] - mt) * a + c, act, sl, zero_)
 
 
 @_jit(parallel=True)
-def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, zero):
+def rows_backward(
+    dy, x, mean, rstd, w, b, groups, center, act, slope, pdw, pdb, dx, dw, db, zero
+):
     """Backward of ``rows_forward``: dx ``[R, L]``; dw, db ``[G*K]`` sums over rows, from the
     zeroed partials ``pdw, pdb [pieces, G*K]`` (data dtype, one row of them per piece of
-    rows; merged in float64).
+    rows; merged in float64). ``b`` is read only to recompute the pre-activation of a
+    fused activation ``act`` (then ``g = dy * act'(pre)`` stands for ``dy`` below).
 
     Per row: one pass accumulates ``sum dy*w``, ``sum dy*w*xhat`` and the piece's dw/db
     partials, a second writes ``dx = rstd*(dy*w - mean(dy*w) - xhat*mean(dy*w*xhat))``
@@ -191,6 +230,9 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, ze
     pieces, features = pdw.shape
     per_group = features // groups
     spatial = L // per_group
+    one = x.dtype.type(1.0)
+    zero_ = x.dtype.type(0.0)
+    sl = x.dtype.type(slope)
     for p in prange(pieces):
         r0, r1 = _chunk(p, pieces, R)
         coef = np.empty(2, dtype=x.dtype)  # rounds per-row scalars to the data dtype
@@ -202,6 +244,7 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, ze
             rt = rstd[r]
             g0 = (r % groups) * per_group
             wg = w[g0:g0 + per_group]
+            bg = b[g0:g0 + per_group]
             pw = pdw[p, g0:g0 + per_group]
             pb = pdb[p, g0:g0 + per_group]
             sum_a = 0.0
@@ -212,46 +255,84 @@ def rows_backward(dy, x, mean, rstd, w, groups, center, pdw, pdb, dx, dw, db, ze
                     gb = dyr[k0:k1]
                     xb = xr[k0:k1]
                     wb = wg[k0:k1]
+                    bb = bg[k0:k1]
                     pwb = pw[k0:k1]
                     pbb = pb[k0:k1]
                     a1 = zero[0]
                     a2 = zero[0]
-                    for k in range(k1 - k0):
-                        g = gb[k]
-                        xh = (xb[k] - mt) * rt
-                        gw = g * wb[k]
-                        a1 += gw
-                        a2 += gw * xh
-                        pwb[k] += g * xh
-                        pbb[k] += g
+                    if act == 0:
+                        for k in range(k1 - k0):
+                            g = gb[k]
+                            xh = (xb[k] - mt) * rt
+                            gw = g * wb[k]
+                            a1 += gw
+                            a2 += gw * xh
+                            pwb[k] += g * xh
+                            pbb[k] += g
+                    else:
+                        for k in range(k1 - k0):
+                            pre = (xb[k] - mt) * (rt * wb[k]) + bb[k]
+                            g = gb[k] * _act_grad(pre, act, sl, zero_, one)
+                            xh = (xb[k] - mt) * rt
+                            gw = g * wb[k]
+                            a1 += gw
+                            a2 += gw * xh
+                            pwb[k] += g * xh
+                            pbb[k] += g
                     sum_a += a1
                     sum_b += a2
             else:
                 for k in range(per_group):
-                    sl = slice(k * spatial, (k + 1) * spatial)
-                    sd, sdx = _grad_sums(dyr[sl], xr[sl], mt, zero)
+                    sl_k = slice(k * spatial, (k + 1) * spatial)
+                    if act == 0:
+                        sd, sdx = _grad_sums(dyr[sl_k], xr[sl_k], mt, zero)
+                    else:
+                        a = rt * wg[k]
+                        c = bg[k]
+                        xs = xr[sl_k]
+                        gs = dyr[sl_k]
+                        sd = 0.0
+                        sdx = 0.0
+                        for s in range(spatial):
+                            d = xs[s] - mt
+                            g = gs[s] * _act_grad(d * a + c, act, sl, zero_, one)
+                            sd += g
+                            sdx += np.float64(g * d)
                     sdx *= rt
                     sum_a += wg[k] * sd
                     sum_b += wg[k] * sdx
                     pw[k] += sdx
                     pb[k] += sd
-            # dx = dy*w*rstd + (x - mean)*c1 + c2 with per-row scalars c1, c2.
+            # dx = g*w*rstd + (x - mean)*c1 + c2 with per-row scalars c1, c2.
             coef[0] = -rt * rt * (sum_b / L)
             coef[1] = -rt * (sum_a / L) if center else 0.0
             c1 = coef[0]
             c2 = coef[1]
             if spatial == 1:
-                for k in range(per_group):
-                    dxr[k] = dyr[k] * (wg[k] * rt) + (xr[k] - mt) * c1 + c2
+                if act == 0:
+                    for k in range(per_group):
+                        dxr[k] = dyr[k] * (wg[k] * rt) + (xr[k] - mt) * c1 + c2
+                else:
+                    for k in range(per_group):
+                        pre = (xr[k] - mt) * (rt * wg[k]) + bg[k]
+                        g = dyr[k] * _act_grad(pre, act, sl, zero_, one)
+                        dxr[k] = g * (wg[k] * rt) + (xr[k] - mt) * c1 + c2
             else:
                 for k in range(per_group):
                     a = wg[k] * rt
-                    sl = slice(k * spatial, (k + 1) * spatial)
-                    xs = xr[sl]
-                    gs = dyr[sl]
-                    ds = dx[r, sl]
-                    for s in range(spatial):
-                        ds[s] = gs[s] * a + (xs[s] - mt) * c1 + c2
+                    c = bg[k]
+                    sl_k = slice(k * spatial, (k + 1) * spatial)
+                    xs = xr[sl_k]
+                    gs = dyr[sl_k]
+                    ds = dx[r, sl_k]
+                    if act == 0:
+                        for s in range(spatial):
+                            ds[s] = gs[s] * a + (xs[s] - mt) * c1 + c2
+                    else:
+                        for s in range(spatial):
+                            d = xs[s] - mt
+                            g = gs[s] * _act_grad(d * a + c, act, sl, zero_, one)
+                            ds[s] = g * a + d * c1 + c2
     # Merge the pieces in order; the partials of dw are already scaled by rstd (factor 1).
     _merge_sums(pdb, pdw, np.ones(features), db, dw)
 
@@ -522,40 +603,6 @@ def channel_cols_backward(
 # first value: one value lies at most sqrt(n) standard deviations from the mean of n, so
 # the cancellation in ``E[d^2] - E[d]^2`` loses at most a factor n of float64's precision.
 
-ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
-_INV_SQRT2 = 1.0 / np.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
-
-
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
-def _act(v, code, slope, zero, one):
-    """Activation ``code`` (``ACT_CODES``) of ``v``; gelu is the exact (erf) one. The code
-    is loop-invariant, so the compiler hoists the branch out of the callers' loops."""
-    if code == 0:
-        return v
-    if code == 1:
-        return v if v > zero else zero
-    if code == 2:
-        return v if v > zero else v * slope
-    if code == 3:
-        return v / (one + np.exp(-v))
-    return (one + math.erf(v * _INV_SQRT2)) * v * 0.5
-
-
-@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
-def _act_grad(v, code, slope, zero, one):
-    """Derivative of ``_act`` at the pre-activation ``v``."""
-    if code == 0:
-        return one
-    if code == 1:
-        return one if v > zero else zero
-    if code == 2:
-        return one if v > zero else slope
-    if code == 3:
-        s = one / (one + np.exp(-v))
-        return s * (one + v * (one - s))
-    return (one + math.erf(v * _INV_SQRT2)) * 0.5 + v * _INV_SQRT_2PI * np.exp(v * v * -0.5)
-
 
 @_jit(parallel=True)
 def planes_forward(
@@ -577,7 +624,6 @@ def planes_forward(
     count = N * S
     update = stats and running_mean.shape[0] == C
     correction = count / (count - 1) if count > 1 else 1.0
-    one = x.dtype.type(1.0)
     zero = x.dtype.type(0.0)
     sl = x.dtype.type(slope)
     kept = 0
@@ -632,7 +678,7 @@ def planes_forward(
                             ys[s] = (xs[s] - mt) * a + bc
                     else:
                         for s in range(S):
-                            ys[s] = _act((xs[s] - mt) * a + bc, act, sl, zero, one)
+                            ys[s] = _act((xs[s] - mt) * a + bc, act, sl, zero)
     return kept
 
 

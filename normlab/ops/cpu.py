@@ -30,6 +30,7 @@ How it runs:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -265,11 +266,8 @@ def _channel_scratch(x2: Tensor, cols: bool, per_piece: int, per_plane: int):  #
 PLANES_MIN_CHANNELS = 8
 
 
-def _by_planes(x4: Tensor, cols: bool, act: int = 0) -> bool:
-    """Whether per-channel statistics run on the planes kernels: with enough channels, and
-    always with a fused activation (only they apply one) on contiguous input."""
-    if act:
-        return x4.is_contiguous()
+def _by_planes(x4: Tensor, cols: bool) -> bool:
+    """Whether per-channel statistics run on the planes kernels: with enough channels."""
     return not cols and x4.shape[1] >= PLANES_MIN_CHANNELS
 
 
@@ -304,12 +302,6 @@ PLANES_MAX_ROW = 64
 def _rows_by_planes(x4: Tensor) -> bool:
     """Whether per-sample statistics of ``x4 [N, G, K, S]`` run the planes kernels."""
     return x4.shape[2] == 1 and x4.shape[3] <= PLANES_MAX_ROW
-
-
-def fuses_activation(x4: Tensor) -> bool:
-    """Whether a per-channel ``normalize`` of ``x4 [N, C, 1, S]`` can fuse an activation
-    into the kernels (``act`` of ``_forward_impl``): contiguous, non-empty CPU input."""
-    return supports(x4) and x4.shape[2] == 1 and x4.is_contiguous() and x4.numel() > 0
 
 
 def _check_per_channel(x4: Tensor, per_sample: bool) -> None:
@@ -358,12 +350,8 @@ def _forward_impl(
     center: bool,
     eps: float,
     write: bool,
-    act: int = 0,
-    slope: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Statistics ``(mean, var, rstd)`` of ``x4`` and (if ``write``) ``y4``, empty-like x4.
-    ``act``/``slope``: an activation fused into the output (``K.ACT_CODES``), only where
-    ``fuses_activation(x4)``."""
+    """Statistics ``(mean, var, rstd)`` of ``x4`` and (if ``write``) ``y4``, empty-like x4."""
     _check_per_channel(x4, per_sample)
     n, g, k, s = x4.shape
     work = compute_dtype(x4.dtype)
@@ -391,13 +379,15 @@ def _forward_impl(
             y2.reshape(1, r, s), *stats, _NO_RUNNING[work], _NO_RUNNING[work], 0.0,
         )
     elif per_sample:
-        K.rows_forward(_np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write, _zero(work))
-    elif _by_planes(x4, cols, act):
+        K.rows_forward(
+            _np(x2), _np(w), _np(b), g, center, eps, y2, *stats, write, 0, 0.0, _zero(work)
+        )
+    elif _by_planes(x4, cols):
         x3 = _np(x2).reshape(n, g, s)
         y3 = y2.reshape(n, g, s) if write else np.empty((n, g, 0), dtype=x3.dtype)
         block = _planes_block(n, g, s, x2.element_size())
         K.planes_forward(
-            x3, _np(w), _np(b), act, slope, block, True, write, center, eps, y3, *stats,
+            x3, _np(w), _np(b), 0, 0.0, block, True, write, center, eps, y3, *stats,
             _NO_RUNNING[work], _NO_RUNNING[work], 0.0,
         )
     else:
@@ -420,13 +410,9 @@ def _backward_impl(
     weight: Tensor | None,
     per_sample: bool,
     center: bool,
-    bias: Tensor | None = None,
-    act: int = 0,
-    slope: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx4, dweight, dbias)`` of the train-mode normalization; dweight/dbias are
-    ``[G*K]`` sums in the compute dtype (returned even without weight/bias). ``bias`` is
-    read only to recompute a fused activation's input (``act``)."""
+    ``[G*K]`` sums in the compute dtype (returned even without weight/bias)."""
     _check_per_channel(x4, per_sample)
     n, g, k, s = x4.shape
     work = compute_dtype(x4.dtype)
@@ -459,14 +445,15 @@ def _backward_impl(
     elif per_sample:
         partials = np.zeros((2, min(n * g, _ROW_PIECES), g * k), dtype=_np(x2).dtype)
         K.rows_backward(
-            *args, g, center, *partials, _np(out.buf), _np(dw), _np(db), _zero(work)
+            *args, _np(w), g, center, 0, 0.0, *partials, _np(out.buf), _np(dw), _np(db),
+            _zero(work),
         )
-    elif _by_planes(x4, cols, act):
+    elif _by_planes(x4, cols):
         planes = (_np(dy2).reshape(n, g, s), _np(x2).reshape(n, g, s))
-        b = _np(_vector(bias, g, work, 0.0))
+        b = _np(_vector(None, g, work, 0.0))
         block = _planes_block(n, g, s, x2.element_size())
         K.planes_backward(
-            *planes, mean_c, rstd_c, _np(w), b, act, slope, block, center,
+            *planes, mean_c, rstd_c, _np(w), b, 0, 0.0, block, center,
             _np(out.buf).reshape(n, g, s), _np(dw), _np(db),
         )
     else:
@@ -1115,6 +1102,204 @@ def batch_norm_train(
 
 
 # ---------------------------------------------------------------------------------------
+# Per-sample norms (LayerNorm, GroupNorm, RMSNorm) in one call, for the same reason as
+# the train step above: a handful of ops around one kernel each way, all before the call.
+
+
+def rows_step_applies(
+    x: Tensor, features: int, weight: Tensor | None, bias: Tensor | None
+) -> bool:
+    """Whether :func:`rows_norm` runs ``x``: non-empty contiguous float32/float64 CPU input
+    in plain eager mode, ``weight``/``bias`` of ``features`` contiguous values of its dtype."""
+    dtype = x.dtype
+    return (
+        dtype in _STEP_DTYPES
+        and x.numel() > 0
+        and x.is_contiguous()
+        and supports(x)
+        and _eager(x)
+        and not _composite_only(x)
+        and all(
+            p is None
+            or (p.dtype == dtype and p.numel() == features and p.is_cpu and p.is_contiguous())
+            for p in (weight, bias)
+        )
+    )
+
+
+def _rows_params(weight: Tensor | None, bias: Tensor | None, features: int, dtype: torch.dtype):  # noqa: ANN202
+    w = _constant_np(features, dtype, 1.0) if weight is None else weight.detach().numpy()
+    b = _constant_np(features, dtype, 0.0) if bias is None else bias.detach().numpy()
+    return w.reshape(features), b.reshape(features)
+
+
+def _rows_step(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rows: int,
+    groups: int,
+    features: int,
+    eps: float,
+    center: bool,
+    act: int,
+    slope: float,
+) -> Tensor:
+    """The output of :func:`rows_norm`; with an autograd ``ctx``, saves ``x``, the
+    parameters and ``stats [3, rows]`` = (mean, biased var, rstd)."""
+    dtype = x.dtype
+    sync_threads(x.numel())
+    y = torch.empty_like(x)
+    stats = torch.empty(3, rows, dtype=dtype)
+    if ctx is not None:
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.rows, ctx.groups, ctx.features = rows, groups, features
+        ctx.eps, ctx.center, ctx.act, ctx.slope = eps, center, act, slope
+        ctx.set_materialize_grads(False)
+    w, b = _rows_params(weight, bias, features, dtype)
+    K.rows_forward(
+        x.detach().numpy().reshape(rows, -1), w, b, groups, center, eps,
+        y.numpy().reshape(rows, -1), *stats.numpy(), True, act, slope, _zero(dtype),
+    )
+    return y
+
+
+def _rows_step_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: Tensor,
+    ctx: Any,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dweight, dbias)`` of :func:`_rows_step`, ``None`` where ``needs`` (or a
+    missing parameter) says no gradient; built before the kernel call, which fills them."""
+    dtype = x.dtype
+    rows, features = ctx.rows, ctx.features
+    if dy.dtype != dtype or not dy.is_contiguous():
+        dy = dy.to(dtype).contiguous()
+    sync_threads(x.numel())
+    dx = torch.empty_like(x)
+    grads = torch.empty(2, features, dtype=dtype)
+    partials = np.zeros((2, min(rows, _ROW_PIECES), features), dtype=grads.numpy().dtype)
+    result = (
+        dx if needs[0] else None,
+        grads[0].view(weight.shape) if needs[1] and weight is not None else None,
+        grads[1].view(bias.shape) if needs[2] and bias is not None else None,
+    )
+    w, b = _rows_params(weight, bias, features, dtype)
+    mean, _, rstd = stats.numpy()
+    dw, db = grads.numpy()
+    K.rows_backward(
+        dy.numpy().reshape(rows, -1), x.detach().numpy().reshape(rows, -1), mean, rstd, w, b,
+        ctx.groups, ctx.center, ctx.act, ctx.slope, *partials, dx.numpy().reshape(rows, -1),
+        dw, db, _zero(dtype),
+    )
+    return result
+
+
+class _RowsStepFunction(torch.autograd.Function):
+    """Autograd of :func:`rows_norm`; differentiable once with an activation, and to any
+    order without (double backward runs the composite code)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        return _rows_step(ctx, *inputs)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor | None) -> tuple:
+        x, weight, bias, stats = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        rest = (None,) * 8
+        if dy is None:
+            return (None, None, None, *rest)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable grads
+            if ctx.act:
+                raise RuntimeError(
+                    "normlab: the fused norm + activation kernels are differentiable "
+                    "once; use backend='torch' for double backward"
+                )
+            groups, per_group = ctx.groups, ctx.features // ctx.groups
+            shape4 = (ctx.rows // groups, groups, per_group, -1)
+
+            def forward(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+                y4 = torch_ops.normalize(
+                    x.reshape(shape4),
+                    None if w is None else w.reshape(-1),
+                    None if b is None else b.reshape(-1),
+                    per_sample=True, center=ctx.center, eps=ctx.eps,
+                )[0]
+                return y4.view(x.shape)
+
+            return (*_composite_grads(dy, (x, weight, bias), needs, forward), *rest)
+        return (*_rows_step_backward(dy, x, weight, bias, stats, ctx, needs), *rest)
+
+
+def rows_norm(
+    x: Tensor,
+    rows: int,
+    groups: int,
+    features: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool = True,
+    act: int = 0,
+    slope: float = 0.0,
+) -> Tensor | None:
+    """Per-sample normalization in one call: ``x`` (contiguous) viewed as ``[rows, L]``,
+    statistics per row (mean-centred if ``center``, else RMS), output
+    ``act(xhat * weight + bias)`` (``act``: ``ACT_CODES``, ``slope`` leaky_relu's). The
+    affine parameters hold ``features = G*K`` values (any shape): row ``r`` uses group
+    ``r % G``'s ``K``, each repeated over ``L / K`` consecutive elements.
+
+    LayerNorm/RMSNorm: ``rows = numel / D``, ``groups = 1``, ``features = D``, parameters
+    ``[*normalized_shape]``; GroupNorm of ``[N, C, *S]``: ``rows = N * G``, ``groups = G``,
+    ``features = C``, parameters ``[C]``. Returns ``None`` where :func:`rows_step_applies`
+    says no. Arguments are assumed checked."""
+    if not rows_step_applies(x, features, weight, bias):
+        return None
+    args = (x, weight, bias, rows, groups, features, float(eps), center, act, float(slope))
+    if _needs_grad(x, weight, bias):
+        return _RowsStepFunction.apply(*args)
+    return _rows_step(None, *args)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """LayerNorm of ``x`` by :func:`rows_norm`, or ``None`` where it does not apply."""
+    features = math.prod(normalized_shape)
+    return rows_norm(x, x.numel() // max(features, 1), 1, features, weight, bias, eps)
+
+
+def rms_norm(
+    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float
+) -> Tensor | None:
+    """RMSNorm of ``x`` by :func:`rows_norm`, or ``None`` where it does not apply."""
+    features = math.prod(normalized_shape)
+    return rows_norm(x, x.numel() // max(features, 1), 1, features, weight, None, eps, False)
+
+
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """GroupNorm of ``x [N, C, *S]`` by :func:`rows_norm`, or ``None`` where it does not
+    apply (and for one channel per group, InstanceNorm's case: the general path gives short
+    rows the planes kernels)."""
+    channels = x.shape[1]
+    if channels == num_groups:
+        return None
+    return rows_norm(x, x.shape[0] * num_groups, num_groups, channels, weight, bias, eps)
+
+
+# ---------------------------------------------------------------------------------------
 # The backend contract (see normlab.ops.torch_ops).
 
 
@@ -1368,6 +1553,7 @@ class AutoBackend(ModuleType):
         return None
 
     batch_norm_train = staticmethod(batch_norm_train)
+    rms_norm = staticmethod(rms_norm)
     moments = staticmethod(moments)
     backward_reduce = staticmethod(backward_reduce)
     backward_apply = staticmethod(backward_apply)

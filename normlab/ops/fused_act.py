@@ -1,21 +1,26 @@
-"""BatchNorm followed by an activation, fused into one CPU pass forward and one backward.
+"""A normalization followed by an activation, fused into the CPU kernels.
 
 The backend contract of ``normlab.ops`` (``normalize`` / ``normalize_with_stats``) knows no
-activation; rather than widen it, this module adds one function beside it,
-:func:`batch_norm_act`, that takes the activation as ``(act, slope)``:
+activation; rather than widen it, this module adds functions beside it that take the
+activation as ``(act, slope)``: :func:`batch_norm_act`, :func:`group_norm_act`,
+:func:`layer_norm_act`.
 
-- on the composite path (backend ``"torch"``, CUDA, half precision, non-contiguous input,
-  eval mode) it is ``activation(normlab.functional.batch_norm(...))``: the norm runs on the
-  selected backend and autograd differentiates the pair;
-- on the fused path (backend ``"auto"``/``"cpu"``, contiguous float32/float64 CPU input,
-  training with batch statistics) it is the cpu backend's one-call train step
-  (``normlab.ops.cpu.batch_norm_train``, the one plain BatchNorm runs) with the activation
-  as a code of the "planes" kernels: the forward computes each channel's statistics and
-  writes ``act(xhat * w + b)`` while the channel is still in cache; the backward
-  recomputes the pre-activation from the saved input (nothing but ``x`` and the ``[3, C]``
-  statistics is saved), applies ``act'`` and the BatchNorm backward in two passes per
-  channel. Torch eager runs BatchNorm, then the activation, then both backwards: twice the
-  passes over memory and twice the saved tensors.
+- **fused** (backend ``"auto"``/``"cpu"``, contiguous float32/float64 CPU input, ``act``
+  one of the kernels' ``relu``/``leaky_relu``; BatchNorm in training with batch
+  statistics): BatchNorm runs the cpu backend's one-call train step
+  (``normlab.ops.cpu.batch_norm_train``, the one plain BatchNorm runs), GroupNorm and
+  LayerNorm its per-row step (``normlab.ops.cpu.rows_norm``), each with the activation as
+  a code of the kernels: the forward writes ``act(xhat * w + b)`` while the channel or
+  row is still in cache; the backward recomputes the pre-activation from the saved input
+  (nothing but ``x`` and the statistics is saved) and applies ``act'`` inside the norm's
+  two backward passes. Torch eager runs the norm, then the activation, then both
+  backwards: twice the passes over memory and twice the saved tensors.
+- **composite** (everything else: backend ``"torch"``, CUDA, half precision, strided
+  input, BatchNorm in eval mode, and ``silu``/``gelu``) is ``activation(norm(...))``: the
+  norm runs on the selected backend (its own fast path included) and autograd
+  differentiates the pair. silu and gelu are left to torch because they need exp/erf,
+  which numba evaluates one value at a time (no vector math library): fused, they ran
+  3-8x slower than torch's vectorized ones.
 
 The fused path is differentiable once (no double backward); use backend ``"torch"`` for
 ``gradgradcheck``-style work.
@@ -24,6 +29,7 @@ The fused path is differentiable once (no double backward); use backend ``"torch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,7 +43,15 @@ try:  # numba is a dependency, but keep the composite path importable without it
 except ImportError:  # pragma: no cover - exercised only without numba
     cpu = None
 
-__all__ = ["ACTIVATIONS", "check_activation", "activation", "batch_norm_act", "fused_supported"]
+__all__ = [
+    "ACTIVATIONS",
+    "check_activation",
+    "activation",
+    "batch_norm_act",
+    "group_norm_act",
+    "layer_norm_act",
+    "fused_supported",
+]
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "identity")
 # Below this many elements the fixed cost of the fused path (kernel launch, a custom
@@ -74,16 +88,19 @@ def activation(x: Tensor, act: str, slope: float = 0.01) -> Tensor:
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
 
 
-def fused_supported(x: Tensor, backend: str | None = None) -> bool:
-    """Whether :func:`batch_norm_act` takes the fused kernels for ``x`` (in training)."""
+def fused_supported(x: Tensor, backend: str | None = None, act: str = "relu") -> bool:
+    """Whether the ``*_norm_act`` functions take the fused kernels for ``x`` and ``act``
+    (:func:`batch_norm_act` in training only)."""
     name = backend if backend is not None else ops.requested()
     return (
         cpu is not None
         and name in ("auto", "cpu")
+        and act in cpu.ACT_CODES
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() >= 2
         and x.numel() >= max(FUSED_MIN_NUMEL, 1)
-        and cpu.fuses_activation(x.reshape(x.shape[0], x.shape[1], 1, -1))
+        and x.is_contiguous()
+        and cpu.supports(x)
         and not torch.compiler.is_compiling()
     )
 
@@ -106,7 +123,7 @@ def batch_norm_act(
     :func:`normlab.functional.batch_norm` plus the activation ``act`` (and leaky_relu's
     ``slope``). Running statistics are updated in place in training, as there."""
     act, slope = check_activation(act, slope)
-    if training and fused_supported(input, backend):
+    if training and fused_supported(input, backend, act):
         # functional.batch_norm's own checks, with its messages, before any buffer changes.
         F._check_per_channel_args(
             input, 2, running_mean, running_var, weight, bias, momentum, eps, None
@@ -123,4 +140,59 @@ def batch_norm_act(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         backend=backend,
     )
+    return activation(y, act, slope)
+
+
+def group_norm_act(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    act: str = "relu",
+    slope: float = 0.01,
+    backend: str | None = None,
+) -> Tensor:
+    """``act(group_norm(input [N, C, *S], ...))``, same arguments as
+    :func:`normlab.functional.group_norm` plus the activation ``act`` (and leaky_relu's
+    ``slope``)."""
+    act, slope = check_activation(act, slope)
+    if act != "identity" and fused_supported(input, backend, act):
+        F._check_group_norm_args(input, num_groups, weight, bias, eps)
+        y = cpu.rows_norm(
+            input, input.shape[0] * num_groups, num_groups, input.shape[1], weight, bias,
+            eps, True, cpu.ACT_CODES[act], slope,
+        )
+        if y is not None:
+            return y
+    y = F.group_norm(input, num_groups, weight, bias, eps, backend=backend)
+    return activation(y, act, slope)
+
+
+def layer_norm_act(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    act: str = "relu",
+    slope: float = 0.01,
+    backend: str | None = None,
+) -> Tensor:
+    """``act(layer_norm(input, normalized_shape, ...))``, same arguments as
+    :func:`normlab.functional.layer_norm` plus the activation ``act`` (and leaky_relu's
+    ``slope``)."""
+    act, slope = check_activation(act, slope)
+    if act != "identity" and fused_supported(input, backend, act):
+        shape = F._check_layer_norm_args(input, normalized_shape, weight, bias, eps)
+        features = math.prod(shape)
+        y = cpu.rows_norm(
+            input, input.numel() // features, 1, features, weight, bias, eps, True,
+            cpu.ACT_CODES[act], slope,
+        )
+        if y is not None:
+            return y
+    y = F.layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
     return activation(y, act, slope)

@@ -124,6 +124,87 @@ def test_fused_float32_matches_torch_eager(act, slope, affine) -> None:
     assert int(layer.num_batches_tracked) == 1
 
 
+ROW_ACT_CASES = [  # norm, x shape, num_groups or normalized_shape
+    ("group", (3, 6, 4, 5), 2),
+    ("group", (5, 6), 3),  # [N, C]: one value per channel and sample
+    ("layer", (3, 2, 4, 5), (4, 5)),
+    ("layer", (6, 7), 7),
+]
+
+
+def _row_act_layer(norm: str, arg, shape, act: str, slope: float) -> nn.Module:  # noqa: ANN001
+    if norm == "group":
+        return GroupNormAct(arg, shape[1], dtype=F64, act=act, slope=slope)
+    return LayerNormAct(arg, dtype=F64, act=act, slope=slope)
+
+
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("norm,shape,arg", ROW_ACT_CASES)
+@pytest.mark.parametrize("path", ["torch", "cpu"])
+def test_group_and_layer_norm_act_match_reference(
+    path, norm, shape, arg, act, slope, monkeypatch
+) -> None:
+    """Fused (cpu; relu and leaky_relu) or composite: the same float64 reference values and
+    gradients; the kernels take the activation exactly where fused_supported says."""
+    layer = _row_act_layer(norm, arg, shape, act, slope)
+    _params(layer)
+    x = (torch.randn(shape, dtype=F64) * 1.5 + 0.5).requires_grad_()
+    dy = torch.randn(shape, dtype=F64)
+    fused = []
+    rows_norm = fused_act.cpu.rows_norm
+    monkeypatch.setattr(fused_act.cpu, "rows_norm",  # records the activation code
+                        lambda *a: fused.append(a[8] if len(a) > 8 else 0) or rows_norm(*a))
+    with normlab.use_backend(path):
+        assert fused_act.fused_supported(x, act=act) == (path == "cpu" and act in
+                                                         ("relu", "leaky_relu", "identity"))
+        y = layer(x)
+        y.backward(dy)
+    # backend cpu: one rows step, with the activation fused or (silu, gelu) after it
+    assert fused == ([fused_act.cpu.ACT_CODES.get(act, 0)] if path == "cpu" else [])
+    w, b = _np(layer.weight), _np(layer.bias)
+    if norm == "group":
+        pre = ref.group_norm_forward(_np(x), arg, w, b, layer.eps)
+    else:
+        pre = ref.layer_norm_forward(_np(x), arg, w, b, layer.eps)
+    _close(y, rv.activation_forward(pre, act, slope), 1e-10)
+    dpre = rv.activation_backward(_np(dy), pre, act, slope)
+    if norm == "group":
+        dx, dw, db = ref.group_norm_backward(dpre, _np(x), arg, w, layer.eps)
+    else:
+        dx, dw, db = ref.layer_norm_backward(dpre, _np(x), arg, w, layer.eps)
+    _close(x.grad, dx, 1e-9)
+    _close(layer.weight.grad, dw, 1e-9)
+    _close(layer.bias.grad, db, 1e-9)
+
+
+@pytest.mark.parametrize("act,slope", [("relu", 0.0), ("leaky_relu", 0.1)])
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_fused_rows_float32_match_torch_eager(norm, act, slope) -> None:
+    """float32 fused GroupNormAct/LayerNormAct vs torch's norm then activation, with a large
+    common mean and no affine parameters on one side of the table."""
+    shape = (4, 8, 6, 6)
+    if norm == "group":
+        layer = GroupNormAct(4, 8, act=act, slope=slope)
+        eager = nn.GroupNorm(4, 8)
+    else:
+        layer = LayerNormAct((6, 6), act=act, slope=slope)
+        eager = nn.LayerNorm((6, 6))
+    _params(layer, seed=5)
+    eager.load_state_dict(layer.state_dict())
+    x = (torch.randn(shape) * 0.5 + 100.0).requires_grad_()
+    x_eager = x.detach().clone().requires_grad_()
+    dy = torch.randn(shape)
+    with normlab.use_backend("cpu"):
+        y = layer(x)
+    y.backward(dy)
+    y_eager = fused_act.activation(eager(x_eager), act, slope)
+    y_eager.backward(dy)
+    torch.testing.assert_close(y, y_eager, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x_eager.grad, atol=5e-4, rtol=1e-3)
+    for p, q in zip(layer.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "act_layer,plain_layer,shape",
     [

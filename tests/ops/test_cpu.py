@@ -211,12 +211,10 @@ def test_nan_propagates_to_the_statistics(channels: int) -> None:
 
 def test_planes_route_is_taken_from_the_minimum_channel_count() -> None:
     """The planes kernels run (and are what the table above tested) from
-    PLANES_MIN_CHANNELS channels of contiguous NCHW input, or with a fused activation."""
+    PLANES_MIN_CHANNELS channels of contiguous NCHW input."""
     c = cpu.PLANES_MIN_CHANNELS
     assert cpu._by_planes(torch.randn(2, c, 1, 5), cols=False)
     assert not cpu._by_planes(torch.randn(2, c - 1, 1, 5), cols=False)
-    assert cpu._by_planes(torch.randn(2, c - 1, 1, 5), cols=False, act=1)
-    assert not cpu.fuses_activation(torch.randn(2, 5, 1, c).transpose(1, 3))
 
 
 def test_double_backward_falls_back_to_composite() -> None:
@@ -410,10 +408,11 @@ def test_train_step_applies_only_where_its_kernels_fit() -> None:
     cpu._train_step = spy
     try:
         normlab.BatchNorm1d(16)(x)
-        normlab.BatchNormAct1d(16, act="silu")(torch.randn(64, 16, 80))
+        normlab.BatchNormAct1d(16, act="leaky_relu")(torch.randn(64, 16, 80))
+        normlab.BatchNormAct1d(16, act="silu")(torch.randn(64, 16, 80))  # torch's silu after
     finally:
         cpu._train_step = original
-    assert calls == [0, cpu.ACT_CODES["silu"]]
+    assert calls == [0, cpu.ACT_CODES["leaky_relu"], 0]
 
 
 def test_train_step_double_backward() -> None:
@@ -440,6 +439,96 @@ def test_train_step_keeps_running_stats_of_non_finite_channels() -> None:
     with pytest.warns(RuntimeWarning, match="non-finite"):
         layer(x)
     assert layer.running_mean[2] == 0 and layer.num_batches_tracked == 1
+
+
+# --------------------------------------------------------------------------------------
+# The per-row one-call step (cpu.rows_norm: LayerNorm, GroupNorm, RMSNorm), against the
+# NumPy reference
+
+ROWS_CASES = [  # id, x shape, norm, its argument, affine
+    ("layer-1d", (6, 40), "layer", (40,), True),
+    ("layer-2d-shape", (3, 2, 4, 5), "layer", (4, 5), True),
+    ("layer-no-affine", (5, 33), "layer", (33,), False),
+    ("group", (3, 6, 4, 5), "group", 2, True),
+    ("group-NC", (5, 8), "group", 4, True),
+    ("group-no-affine", (2, 8, 3, 3, 2), "group", 4, False),
+    ("rms", (7, 3, 16), "rms", (16,), True),
+    ("rms-no-affine", (4, 300), "rms", (300,), False),
+]
+
+
+def _rows_reference(norm: str, x, arg, w, b, dy):  # noqa: ANN001, ANN202
+    """(y, (dx, dw, db)) of the float64 reference."""
+    if norm == "group":
+        return (reference.group_norm_forward(x, arg, w, b, 1e-5),
+                reference.group_norm_backward(dy, x, arg, w, 1e-5))
+    if norm == "layer":
+        return (reference.layer_norm_forward(x, arg, w, b, 1e-5),
+                reference.layer_norm_backward(dy, x, arg, w, 1e-5))
+    dx, dw = reference.rms_norm_backward(dy, x, arg, w, 1e-5)
+    return reference.rms_norm_forward(x, arg, w, 1e-5), (dx, dw, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("shape", "norm", "arg", "affine"), [c[1:] for c in ROWS_CASES],
+                         ids=[c[0] for c in ROWS_CASES])
+def test_rows_step_matches_reference(
+    shape: tuple[int, ...], norm: str, arg: object, affine: bool, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(5)
+    pshape = (shape[1],) if norm == "group" else arg
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    w, b = (torch.randn(pshape, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    x_, w_, b_ = _leaves(x, w, b)
+    w_, b_ = (w_, b_) if affine else (None, None)
+    b_ = None if norm == "rms" else b_
+    if norm == "group":
+        y = cpu.group_norm(x_, arg, w_, b_, 1e-5)
+    elif norm == "layer":
+        y = cpu.layer_norm(x_, arg, w_, b_, 1e-5)
+    else:
+        y = cpu.rms_norm(x_, arg, w_, 1e-5)
+    assert y is not None and y.shape == shape
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(dy)
+    f64 = [None if t is None else t.detach().double().numpy() for t in (x, w_, b_, dy)]
+    y_ref, grads_ref = _rows_reference(norm, f64[0], arg, f64[1], f64[2], f64[3])
+    tol = _tol(dtype)
+    torch.testing.assert_close(y.double(), torch.from_numpy(y_ref), **tol)
+    for got, want in zip((x_, w_, b_), grads_ref, strict=True):
+        if got is not None:
+            torch.testing.assert_close(got.grad.double(), torch.from_numpy(want), **tol)
+
+
+def test_rows_step_applies_only_where_its_kernels_fit() -> None:
+    x, v = torch.randn(4, 16), torch.ones(16)
+    assert cpu.rows_step_applies(x, 16, v, v)
+    declined = {
+        "strided": (torch.randn(4, 32)[:, ::2], v),
+        "half precision": (x.half(), v.half()),
+        "weight of another dtype": (x, v.double()),
+        "weight of another size": (x, torch.ones(15)),
+        "non-contiguous weight": (x, torch.ones(32)[::2]),
+        "empty": (torch.randn(0, 16), v),
+    }
+    for name, (x_, w) in declined.items():
+        assert not cpu.rows_step_applies(x_, 16, w, None), name
+        assert cpu.rows_norm(x_, max(x_.shape[0], 1), 1, 16, w, None, 1e-5) is None, name
+    # GroupNorm with a channel per group is InstanceNorm: the general path's planes kernels.
+    assert cpu.group_norm(torch.randn(2, 4, 7), 4, None, None, 1e-5) is None
+
+
+def test_rows_step_double_backward() -> None:
+    x = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return cpu.rows_norm(x, 6, 2, 6, w, None, 1e-5)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
+    y = cpu.rows_norm(x, 6, 2, 6, w, None, 1e-5, act=1)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
 
 
 # --------------------------------------------------------------------------------------
