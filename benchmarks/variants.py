@@ -1,9 +1,11 @@
 """BatchNorm variants against torch eager, measured in one run.
 
-1. Fused norm+activation: ``normlab.nn.BatchNormAct2d(act="relu")`` train forward+backward
-   vs ``torch.nn.BatchNorm2d`` then ``torch.nn.ReLU`` (eager), interleaved A/B, median of
-   ``--reps`` after warm-up, on the ResNet stage shapes; ratio per shape and geomean, plus
-   a bandwidth reference (a large ``copy_``) taken in the same run.
+1. Norm + activation layers: ``normlab.nn.BatchNormAct2d``, ``GroupNormAct(32, C)`` (ResNet
+   stage shapes) and ``LayerNormAct`` (transformer shapes) with ``relu`` (fused into the
+   kernels) and ``gelu`` (the norm's kernels, then torch's gelu) train forward+backward vs
+   the torch eager norm then the activation, interleaved A/B, median of ``--reps`` after
+   warm-up; ratio per shape and geomean, plus a bandwidth reference (a large ``copy_``)
+   taken in the same run.
 2. InPlaceABN memory: a 10-block ``Conv3x3 -> norm -> LeakyReLU`` stack, one training step;
    the bytes of the distinct tensors autograd saves for backward (counted by
    ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded) are the activation
@@ -34,11 +36,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normlab.nn.act import BatchNormAct2d  # noqa: E402,I001
+from normlab.nn.act import BatchNormAct2d, GroupNormAct, LayerNormAct  # noqa: E402,I001
 from normlab.nn.inplace_abn import InPlaceABN  # noqa: E402
 
 RESNET_SHAPES = [(32, 64, 56, 56), (16, 128, 28, 28), (64, 256, 14, 14), (128, 512, 7, 7)]
 QUICK_SHAPES = [(8, 32, 28, 28), (16, 64, 14, 14)]
+TRANSFORMER_SHAPES = [(32, 128, 768), (8, 512, 1024)]
 
 
 def _median_pair(
@@ -69,33 +72,55 @@ def _bandwidth(reps: int, quick: bool) -> float:
     return 2 * n * 4 / statistics.median(times) / 1e9
 
 
-def _fused_pair(x: torch.Tensor, dy: torch.Tensor) -> tuple[Callable[[], None], ...]:
-    """Train forward+backward of normlab's BatchNormAct2d(relu) and of torch eager
-    BatchNorm2d + ReLU on ``x [N, C, H, W]``, gradients for input and parameters."""
-    ours = BatchNormAct2d(x.shape[1], act="relu")
-    bn, relu = nn.BatchNorm2d(x.shape[1]), nn.ReLU()
+# name -> (normlab layer, torch eager norm, input shapes, quick shapes), built from the
+# channel (or feature) count and the activation name.
+FUSED_LAYERS: dict[str, tuple[Callable[..., nn.Module], Callable[[int], nn.Module],
+                              list[tuple[int, ...]], list[tuple[int, ...]]]] = {
+    "BatchNormAct2d": (lambda c, act: BatchNormAct2d(c, act=act), nn.BatchNorm2d,
+                       RESNET_SHAPES, QUICK_SHAPES),
+    "GroupNormAct(32)": (lambda c, act: GroupNormAct(32, c, act=act),
+                         lambda c: nn.GroupNorm(32, c), RESNET_SHAPES, QUICK_SHAPES),
+    "LayerNormAct": (lambda d, act: LayerNormAct(d, act=act), nn.LayerNorm,
+                     TRANSFORMER_SHAPES, [(8, 64, 128)]),
+}
+EAGER_ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def _fused_pair(
+    layer: str, act: str, x: torch.Tensor, dy: torch.Tensor
+) -> tuple[Callable[[], None], ...]:
+    """Train forward+backward of normlab's ``layer`` with ``act`` and of the torch eager
+    norm followed by the activation on ``x``, gradients for input and parameters."""
+    make_ours, make_norm = FUSED_LAYERS[layer][:2]
+    size = x.shape[-1] if layer == "LayerNormAct" else x.shape[1]
+    ours, norm, activation = make_ours(size, act), make_norm(size), EAGER_ACTS[act]()
 
     def run_ours() -> None:
         torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), dy)
 
     def run_torch() -> None:
-        torch.autograd.grad(relu(bn(x)), (x, bn.weight, bn.bias), dy)
+        torch.autograd.grad(activation(norm(x)), (x, norm.weight, norm.bias), dy)
 
     return run_ours, run_torch
 
 
-def bench_fused(shapes: list[tuple[int, ...]], reps: int) -> dict[str, float]:
-    """Ratio torch-eager / fused time for train forward+backward of BN2d + ReLU per shape."""
+def bench_fused(layer: str, act: str, shapes: list[tuple[int, ...]], reps: int) -> dict[str, float]:
+    """Ratio torch-eager / normlab time for train forward+backward of ``layer`` with
+    ``act`` per shape."""
     ratios = {}
     for shape in shapes:
         x = torch.randn(shape, requires_grad=True)
-        t_ours, t_torch = _median_pair(*_fused_pair(x, torch.randn(shape)), reps)
+        t_ours, t_torch = _median_pair(*_fused_pair(layer, act, x, torch.randn(shape)), reps)
         # bytes the fused path must move at least: read x, write y; read x, dy, write dx
         gbs = 5 * x.numel() * 4 / t_ours / 1e9
         ratios[str(shape)] = t_torch / t_ours
-        print(f"  {str(shape):20s} fused {t_ours * 1e3:8.2f} ms  torch {t_torch * 1e3:8.2f} ms"
+        print(f"  {str(shape):20s} normlab {t_ours * 1e3:8.2f} ms  torch {t_torch * 1e3:8.2f} ms"
               f"  ratio {t_torch / t_ours:5.2f}x  ({gbs:5.1f} GB/s effective)")
     return ratios
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 class _SavedBytes:
@@ -189,10 +214,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
           f"allocator={allocator or 'system defaults'}")
     print(f"copy bandwidth reference: {_bandwidth(reps, args.quick):.1f} GB/s")
 
-    print("BatchNormAct2d(relu) train fwd+bwd vs torch eager BatchNorm2d + ReLU:")
-    ratios = bench_fused(QUICK_SHAPES if args.quick else RESNET_SHAPES, reps)
-    geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
-    print(f"  geomean ratio {geomean:.2f}x (target >= 3x)")
+    geomeans = {}
+    for layer, (_, _, shapes, quick_shapes) in FUSED_LAYERS.items():
+        for act in EAGER_ACTS:
+            print(f"{layer}(act={act!r}) train fwd+bwd vs torch eager norm + {act}:")
+            found = bench_fused(layer, act, quick_shapes if args.quick else shapes, reps)
+            geomeans[f"{layer}/{act}"] = _geomean(list(found.values()))
+            target = " (target >= 3x)" if (layer, act) == ("BatchNormAct2d", "relu") else ""
+            print(f"  geomean ratio {geomeans[f'{layer}/{act}']:.2f}x{target}")
+            if (layer, act) == ("BatchNormAct2d", "relu"):
+                ratios = found
+    geomean = geomeans["BatchNormAct2d/relu"]
 
     mem_shape = (2, 8, 16, 16) if args.quick else (16, 64, 56, 56)
     eager_bytes, abn_bytes = bench_memory(mem_shape)
@@ -207,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"  gradients vs float64 eager, {blocks:2d} block(s), input {acc_shape}: "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors[blocks].items())
               + "  (max |g - g64| / max |g64|)")
-    return {"fused_ratios": ratios, "geomean": geomean, "memory_saving": saving,
+    return {"fused_ratios": ratios, "geomean": geomean, "geomeans": geomeans,
+            "memory_saving": saving,
             "grad_errors": errors}
 
 
