@@ -88,7 +88,35 @@ class BatchNormBase(NormBase):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
+    def _eval_direct(self, input: Tensor) -> Tensor | None:
+        """Eval mode on backend ``auto`` with CPU input: ``torch.batch_norm`` on the
+        running statistics (``normlab.ops.cpu.AUTO.batch_norm_eval``) in as few Python
+        steps as torch's own module, or ``None`` for the general path, which checks the
+        input with its messages. After a step that streamed a large tensor each Python step
+        runs on a cold cache (5-40 us here); the general path's checks and dispatch cost
+        ~10% of a ResNet-shape eval call."""
+        running_mean = self.running_mean
+        if (
+            running_mean is None
+            or type(input) is not Tensor
+            or not input.is_cpu
+            or input.dim() not in self._allowed_dims
+            or input.shape[1] != self.num_features
+            or ops.requested() != "auto"
+        ):
+            return None
+        kernels = ops.backend("cpu")
+        if kernels is None:
+            return None
+        return kernels.AUTO.batch_norm_eval(
+            input, running_mean, self.running_var, self.weight, self.bias, self.eps
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            y = self._eval_direct(input)
+            if y is not None:
+                return y
         self._check_input_dim(input)
         if self._stats_frozen(input):
             return F.batch_norm(

@@ -67,11 +67,21 @@ def _check_choice(name: str, source: str) -> str:
     return name
 
 
+# os.environ's own store, which its writes keep current: asking it whether ENV_VAR is set
+# is one dict lookup, where os.environ.get encodes, looks up and decodes. Every normlab
+# call asks, and on a cold cache (after a kernel streamed a large tensor) that lookup cost
+# 30-40 us here, a few percent of a ResNet-shape eval call.
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
 def requested() -> str:
     """The backend asked for by context manager or environment (``"auto"`` if none)."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
+    if _ENV_STORE is not None and _ENV_KEY not in _ENV_STORE:
+        return "auto"
     env = os.environ.get(ENV_VAR, "").strip().lower()
     return _check_choice(env, f"environment variable {ENV_VAR}") if env else "auto"
 

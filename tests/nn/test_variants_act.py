@@ -3,6 +3,7 @@ NumPy float64 (``reference`` + ``reference_variants``) and torch eager Conv-BN-a
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import pathlib
 
@@ -179,30 +180,30 @@ def test_group_and_layer_norm_act_match_reference(
 
 @pytest.mark.parametrize("act,slope", [("relu", 0.0), ("leaky_relu", 0.1)])
 @pytest.mark.parametrize("norm", ["group", "layer"])
-def test_fused_rows_float32_match_torch_eager(norm, act, slope) -> None:
-    """float32 fused GroupNormAct/LayerNormAct vs torch's norm then activation, with a large
-    common mean and no affine parameters on one side of the table."""
+def test_fused_rows_float32_as_accurate_as_torch(norm, act, slope) -> None:
+    """float32 fused GroupNormAct/LayerNormAct and torch's float32 norm then activation,
+    both against torch in float64, on input with a large common mean (x - mean must not
+    cancel): the fused errors are at most twice torch's own."""
     shape = (4, 8, 6, 6)
     if norm == "group":
-        layer = GroupNormAct(4, 8, act=act, slope=slope)
-        eager = nn.GroupNorm(4, 8)
+        layer, eager = GroupNormAct(4, 8, act=act, slope=slope), nn.GroupNorm(4, 8)
     else:
-        layer = LayerNormAct((6, 6), act=act, slope=slope)
-        eager = nn.LayerNorm((6, 6))
+        layer, eager = LayerNormAct((6, 6), act=act, slope=slope), nn.LayerNorm((6, 6))
     _params(layer, seed=5)
     eager.load_state_dict(layer.state_dict())
-    x = (torch.randn(shape) * 0.5 + 100.0).requires_grad_()
-    x_eager = x.detach().clone().requires_grad_()
-    dy = torch.randn(shape)
-    with normlab.use_backend("cpu"):
-        y = layer(x)
-    y.backward(dy)
-    y_eager = fused_act.activation(eager(x_eager), act, slope)
-    y_eager.backward(dy)
-    torch.testing.assert_close(y, y_eager, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(x.grad, x_eager.grad, atol=5e-4, rtol=1e-3)
-    for p, q in zip(layer.parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-3, rtol=1e-4)
+    exact = copy.deepcopy(eager).double()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.5 + 100.0
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for module, dtype in ((layer, torch.float32), (eager, torch.float32), (exact, F64)):
+        x_ = x.to(dtype).requires_grad_()
+        with normlab.use_backend("cpu"):
+            y = fused_act.activation(module(x_), act, slope) if module is not layer else module(x_)
+        grads = torch.autograd.grad(y, (x_, *module.parameters()), dy.to(dtype))
+        results.append([t.double() for t in (y, *grads)])
+    ours, theirs, reference = results
+    for o, t, r in zip(ours, theirs, reference, strict=True):
+        assert (o - r).abs().max() <= 2 * (t - r).abs().max() + 1e-6
 
 
 @pytest.mark.parametrize(
