@@ -577,8 +577,41 @@ def test_backend_selection_argument_context_and_default() -> None:
 def test_backend_selection_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ops.ENV_VAR, "torch")
     assert ops.resolve(torch.randn(3)) is torch_ops
-    monkeypatch.setenv(ops.ENV_VAR, "cpu")
+    monkeypatch.setenv(ops.ENV_VAR, " CPU ")
     assert ops.resolve(torch.randn(3)) is cpu
+    monkeypatch.delenv(ops.ENV_VAR)  # read on every call, not once
+    assert ops.requested() == "auto" and ops.resolve(torch.randn(3)) is cpu.AUTO
+
+
+def test_batch_norm_eval_layer_takes_torch_batch_norm_on_auto_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The layer's eval shortcut (``auto``'s ``torch.batch_norm`` route) runs on ``auto``
+    only; other backends and bad input take the general path and its checks."""
+    layer = normlab.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        layer.running_mean.normal_(), layer.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 8, 3, 3)
+    calls = []
+    direct = cpu.AUTO.batch_norm_eval
+    monkeypatch.setattr(cpu.AUTO, "batch_norm_eval",
+                        lambda *a: calls.append(a[0].shape) or direct(*a))
+    expected = torch.nn.functional.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, 1e-5
+    )
+    torch.testing.assert_close(layer(x), expected)
+    assert len(calls) == 1
+    for name in ("cpu", "torch"):
+        with normlab.use_backend(name):
+            torch.testing.assert_close(layer(x), expected)
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    torch.testing.assert_close(layer(x), expected)
+    assert len(calls) == 1
+    monkeypatch.delenv(ops.ENV_VAR)
+    with pytest.raises(ValueError, match="num_features=8"):
+        layer(torch.randn(4, 7, 3, 3))
+    with pytest.raises(ValueError, match="4"):
+        layer(torch.randn(4, 8, 3))
 
 
 _PROBE = """
