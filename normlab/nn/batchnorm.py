@@ -96,19 +96,15 @@ class BatchNormBase(NormBase):
         runs on a cold cache (5-40 us here); the general path's checks and dispatch cost
         ~10% of a ResNet-shape eval call."""
         running_mean = self.running_mean
+        auto = ops.auto_cpu(input)
         if (
-            running_mean is None
-            or type(input) is not Tensor
-            or not input.is_cpu
+            auto is None
+            or running_mean is None
             or input.dim() not in self._allowed_dims
             or input.shape[1] != self.num_features
-            or ops.requested() != "auto"
         ):
             return None
-        kernels = ops.backend("cpu")
-        if kernels is None:
-            return None
-        return kernels.AUTO.batch_norm_eval(
+        return auto.batch_norm_eval(
             input, running_mean, self.running_var, self.weight, self.bias, self.eps
         )
 

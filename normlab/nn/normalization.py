@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab import _checks
+from normlab import _checks, ops
 from normlab import functional as F
 
 
@@ -68,6 +68,13 @@ class GroupNorm(nn.Module):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        auto = ops.auto_cpu(input)
+        if auto is not None and input.dim() >= 2 and input.shape[1] == self.num_channels:
+            # auto's torch.group_norm route, past the general path's checks and dispatch
+            # (see BatchNormBase._eval_direct); None where it does not apply.
+            y = auto.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         self._check_input(input)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -132,7 +139,15 @@ class LayerNorm(_TrailingNorm):
         super().__init__(normalized_shape, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        shape = self.normalized_shape
+        auto = ops.auto_cpu(input)
+        if auto is not None and input.shape[input.dim() - len(shape):] == shape:
+            # auto's torch.layer_norm route, past the general path's checks and dispatch
+            # (see BatchNormBase._eval_direct); None where it does not apply.
+            y = auto.layer_norm(input, shape, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
+        return F.layer_norm(input, shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return (

@@ -1472,9 +1472,11 @@ class AutoBackend(ModuleType):
     eval pass is no faster than torch's and its Python wrapper costs more per call).
     Beyond the contract it offers whole-call entry points that ``normlab.functional``
     tries first, so these routes cost no more Python than torch's own:
-    ``batch_norm_train`` (the one-call train step), ``batch_norm_eval``, ``layer_norm``
-    and ``group_norm`` (torch's native function on the input as it comes); each returns
-    ``None`` where it does not apply. ``backend="cpu"`` always runs the kernels."""
+    ``batch_norm_train`` (the one-call train step), ``rms_norm`` (the one-call rows
+    step), ``batch_norm_eval``, ``layer_norm`` and ``group_norm`` (torch's native function
+    on the input as it comes); each returns ``None`` where it does not apply.
+    ``backend="cpu"`` always runs the kernels (its ``layer_norm``/``group_norm`` entry
+    points are the rows step)."""
 
     NAME = NAME
 

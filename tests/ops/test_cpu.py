@@ -614,6 +614,32 @@ def test_batch_norm_eval_layer_takes_torch_batch_norm_on_auto_only(
         layer(torch.randn(4, 8, 3))
 
 
+@pytest.mark.parametrize(("entry", "layer", "reference", "good", "bad", "message"), [
+    ("layer_norm", normlab.LayerNorm((3, 4)), torch.nn.LayerNorm((3, 4)), (2, 5, 3, 4),
+     (2, 5, 4, 3), "trailing"),
+    ("group_norm", normlab.GroupNorm(2, 6), torch.nn.GroupNorm(2, 6), (4, 6, 5),
+     (4, 5, 5), "num_channels=6"),
+], ids=["layer_norm", "group_norm"])
+def test_layer_and_group_norm_layers_take_auto_route_directly(
+    monkeypatch: pytest.MonkeyPatch, entry, layer, reference, good, bad, message,  # noqa: ANN001
+) -> None:
+    """LayerNorm/GroupNorm layers call auto's torch-native entry point straight away on
+    ``auto`` (ops.auto_cpu); other backends, and bad input, take the checked path."""
+    calls = []
+    direct = getattr(cpu.AUTO, entry)
+    monkeypatch.setattr(cpu.AUTO, entry, lambda *a: calls.append(1) or direct(*a))
+    x = torch.randn(good)
+    torch.testing.assert_close(layer(x), reference(x))
+    assert calls == [1]
+    assert ops.auto_cpu(x) is cpu.AUTO and ops.auto_cpu(torch.randn(2, 4)[:, ::2]) is cpu.AUTO
+    with normlab.use_backend("cpu"):
+        assert ops.auto_cpu(x) is None
+        torch.testing.assert_close(layer(x), reference(x))
+    assert calls == [1]
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(bad))
+
+
 _PROBE = """
 import json, torch
 from normlab.ops import _kernels as K, cpu
