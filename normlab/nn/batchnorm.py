@@ -108,11 +108,40 @@ class BatchNormBase(NormBase):
             input, running_mean, self.running_var, self.weight, self.bias, self.eps
         )
 
+    def _train_direct(self, input: Tensor) -> Tensor | None:
+        """Training on backend ``auto`` with CPU input: the one-call train step
+        (``normlab.ops.cpu.AUTO.batch_norm_train``) straight from ``forward``, or ``None``
+        for the general path. It takes only what needs none of the general path's
+        decisions: the layer's rank and channel count, more than one value per channel, a
+        fixed ``momentum``, statistics not frozen; the parameters and buffers are the
+        layer's own, checked when set. Saves the general path's checks and dispatch,
+        ~0.2 ms a step on cold caches (see ``_eval_direct``)."""
+        auto = ops.auto_cpu(input)
+        if (
+            auto is None
+            or self.freeze_stats
+            or self.momentum is None
+            or input.dim() not in self._allowed_dims
+            or input.shape[1] != self.num_features
+            or input.numel() <= self.num_features  # at most one value per channel
+        ):
+            return None
+        track = self.track_running_stats
+        if track:
+            self.num_batches_tracked.add_(1)  # before the kernel, while caches are warm
+        y = F.train_step(
+            auto, input, self.running_mean if track else None,
+            self.running_var if track else None, self.weight, self.bias, self.momentum,
+            self.eps,
+        )
+        if y is None and track:
+            self.num_batches_tracked.sub_(1)  # declined: the general path counts the batch
+        return y
+
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            y = self._eval_direct(input)
-            if y is not None:
-                return y
+        y = self._train_direct(input) if self.training else self._eval_direct(input)
+        if y is not None:
+            return y
         self._check_input_dim(input)
         if self._stats_frozen(input):
             return F.batch_norm(

@@ -614,6 +614,35 @@ def test_batch_norm_eval_layer_takes_torch_batch_norm_on_auto_only(
         layer(torch.randn(4, 8, 3))
 
 
+@pytest.mark.parametrize(("make_input", "momentum", "offers"), [
+    (lambda: torch.randn(4, 8, 5, 5), 0.1, 1),  # taken straight from forward
+    (lambda: torch.randn(4, 8, 5, 10)[..., ::2], 0.1, 2),  # declined (strided), twice
+    (lambda: torch.randn(4, 8, 5, 5), None, 1),  # cumulative average: via functional
+    (lambda: torch.randn(1, 8, 1, 1), 0.1, 0),  # one value per channel: running stats
+], ids=["contiguous", "strided", "momentum-None", "one-value"])
+def test_batch_norm_train_layer_takes_the_step_directly(
+    monkeypatch: pytest.MonkeyPatch, make_input, momentum, offers,  # noqa: ANN001
+) -> None:
+    """BatchNorm layers in training offer the input to auto's one-call step straight from
+    forward (``offers``: how often the step is asked, there and by the general path); a
+    batch is counted once whether the step takes it or declines it."""
+    calls = []
+    direct = cpu.AUTO.batch_norm_train
+    monkeypatch.setattr(cpu.AUTO, "batch_norm_train",
+                        lambda *a: calls.append(1) or direct(*a))
+    layer = normlab.BatchNorm2d(8, momentum=momentum, small_batch="running")
+    reference = torch.nn.BatchNorm2d(8, momentum=momentum)
+    x = make_input()
+    if x.shape[0] == 1:
+        expected = reference.eval()(x)  # the "running" policy: running statistics, untouched
+    else:
+        expected = reference(x)
+    torch.testing.assert_close(layer(x), expected)
+    assert len(calls) == offers
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layer, name), getattr(reference, name))
+
+
 @pytest.mark.parametrize(("entry", "layer", "reference", "good", "bad", "message"), [
     ("layer_norm", normlab.LayerNorm((3, 4)), torch.nn.LayerNorm((3, 4)), (2, 5, 3, 4),
      (2, 5, 4, 3), "trailing"),
