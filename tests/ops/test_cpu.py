@@ -279,6 +279,9 @@ def _small_model() -> nn.Module:
         normlab.GroupNorm(2, 4),
         normlab.LayerNorm(5),
         normlab.RMSNorm(5),
+        normlab.GroupNormAct(2, 4, act="leaky_relu"),
+        normlab.LayerNormAct(5),
+        normlab.BatchNormAct2d(4),
     )
 
 
@@ -287,12 +290,16 @@ def test_backends_are_imported_with_the_package() -> None:
     assert ops._loaded.get("cpu") is cpu
 
 
-@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("backend", ["cpu", "auto", None])
 def test_compile_fullgraph_has_no_graph_break(
-    backend: str, monkeypatch: pytest.MonkeyPatch
+    backend: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # "cpu": the kernels' ops; "auto" also routes some cases to torch's native kernels.
-    monkeypatch.setenv(ops.ENV_VAR, backend)
+    # "cpu": the kernels' ops; "auto" also routes some cases to torch's native kernels;
+    # None: no environment variable (the layers' shortcuts ask os.environ's store).
+    if backend is None:
+        monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ops.ENV_VAR, backend)
     torch.manual_seed(0)
     model, reference = _small_model(), _small_model()
     reference.load_state_dict(model.state_dict())
