@@ -80,9 +80,15 @@ class BatchNormBase(NormBase):
             _checks.check_values_per_channel(input)
 
     def _average_factor(self) -> float:
-        """Counts the batch (in training) and returns the running-average weight of it."""
+        """Counts the batch (in training) and returns the running-average weight of it.
+        The layer's own tensors are checked first: one reassigned with the wrong shape is
+        reported (as the functional API words it) before the counter moves."""
         if not (self.training and self.track_running_stats):
             return 0.0 if self.momentum is None else self.momentum
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _checks.check_vector(
+                getattr(self, name), name, self.num_features, "channels of input (dim 1)"
+            )
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)
@@ -104,9 +110,12 @@ class BatchNormBase(NormBase):
             or input.shape[1] != self.num_features
         ):
             return None
-        return auto.batch_norm_eval(
-            input, running_mean, self.running_var, self.weight, self.bias, self.eps
-        )
+        try:
+            return auto.batch_norm_eval(
+                input, running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        except RuntimeError:  # torch's complaint about, say, a reassigned buffer's shape:
+            return None  # the general path names the argument (ValueError)
 
     def _train_direct(self, input: Tensor) -> Tensor | None:
         """Training on backend ``auto`` with CPU input: the one-call train step

@@ -72,7 +72,10 @@ class GroupNorm(nn.Module):
         if auto is not None and input.dim() >= 2 and input.shape[1] == self.num_channels:
             # auto's torch.group_norm route, past the general path's checks and dispatch
             # (see BatchNormBase._eval_direct); None where it does not apply.
-            y = auto.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            try:
+                y = auto.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            except RuntimeError:  # e.g. a reassigned parameter: the general path names it
+                y = None
             if y is not None:
                 return y
         self._check_input(input)
@@ -144,7 +147,10 @@ class LayerNorm(_TrailingNorm):
         if auto is not None and input.shape[input.dim() - len(shape):] == shape:
             # auto's torch.layer_norm route, past the general path's checks and dispatch
             # (see BatchNormBase._eval_direct); None where it does not apply.
-            y = auto.layer_norm(input, shape, self.weight, self.bias, self.eps)
+            try:
+                y = auto.layer_norm(input, shape, self.weight, self.bias, self.eps)
+            except RuntimeError:  # e.g. a reassigned parameter: the general path names it
+                y = None
             if y is not None:
                 return y
         return F.layer_norm(input, shape, self.weight, self.bias, self.eps)

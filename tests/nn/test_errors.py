@@ -185,3 +185,33 @@ def test_backend_environment_variable_is_validated(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("NORMLAB_BACKEND", "fastest")
     with pytest.raises(ValueError, match="NORMLAB_BACKEND must be one of"):
         F.layer_norm(x3, 5)
+
+
+# A layer's own state replaced by a tensor of the wrong shape: the layers' fast routes
+# (straight to the kernels or torch's native function) must leave the report to the
+# checked path, and a rejected training batch must not be counted.
+BAD_STATE = [
+    ("bn-eval-running_mean", lambda: normlab.BatchNorm2d(3).eval(), "running_mean",
+     torch.zeros(5), x4),
+    ("bn-eval-weight", lambda: normlab.BatchNorm2d(3).eval(), "weight",
+     torch.nn.Parameter(torch.ones(5)), x4),
+    ("bn-train-weight", lambda: normlab.BatchNorm2d(3), "weight",
+     torch.nn.Parameter(torch.ones(5)), x4),
+    ("bn-train-running_var", lambda: normlab.BatchNorm1d(3), "running_var", torch.ones(5), x3),
+    ("ln-weight", lambda: normlab.LayerNorm(3), "weight", torch.nn.Parameter(torch.ones(5)),
+     x2),
+    ("gn-bias", lambda: normlab.GroupNorm(1, 3), "bias", torch.nn.Parameter(torch.ones(5)),
+     x4),
+]
+
+
+@pytest.mark.parametrize(("make", "name", "value", "x"), [c[1:] for c in BAD_STATE],
+                         ids=[c[0] for c in BAD_STATE])
+def test_reassigned_state_of_wrong_shape_is_named(make, name, value, x) -> None:  # noqa: ANN001
+    layer = make()
+    setattr(layer, name, value)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{name} must have shape"):
+        layer(x)
+    for key, old in before.items():
+        assert torch.equal(layer.state_dict()[key], old), key
