@@ -284,7 +284,19 @@ def rows_backward(
             else:
                 for k in range(per_group):
                     sl_k = slice(k * spatial, (k + 1) * spatial)
-                    if act == 0:
+                    if act == 0 and spatial <= _BLOCK:
+                        # Short spatial runs (GroupNorm at 7x7): one block, inline; the
+                        # blocked helper's slicing cost more than the values it read.
+                        k0 = k * spatial
+                        a1 = zero[0]
+                        a2 = zero[0]
+                        for s in range(spatial):
+                            g = dyr[k0 + s]
+                            a1 += g
+                            a2 += g * (xr[k0 + s] - mt)
+                        sd = np.float64(a1)
+                        sdx = np.float64(a2)
+                    elif act == 0:
                         sd, sdx = _grad_sums(dyr[sl_k], xr[sl_k], mt, zero)
                     else:
                         a = rt * wg[k]
