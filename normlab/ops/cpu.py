@@ -965,6 +965,7 @@ def _train_step(
     if ctx is not None:
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.eps, ctx.act, ctx.slope, ctx.layout = eps, act, slope, layout
+        ctx.shape4, ctx.per_sample, ctx.center = (n, c, 1, -1), False, True
         ctx.set_materialize_grads(False)
     update = running_mean is not None
     if update:
@@ -1037,6 +1038,39 @@ def _train_step_backward(
     return result
 
 
+def _one_call_backward(ctx: Any, dy: Tensor | None, inputs: int, kernels: Callable) -> tuple:
+    """Backward of the one-call steps (``_TrainStepFunction``, ``_RowsStepFunction``),
+    whose forward saved ``x, weight, bias, stats`` and set ``ctx.shape4`` (the ``x4``
+    view), ``ctx.per_sample``, ``ctx.center``, ``ctx.eps``, ``ctx.act``: ``(dx, dweight,
+    dbias)`` by ``kernels(dy, x, weight, bias, stats, needs)``, then ``None`` for the other
+    ``inputs - 3`` inputs. When the gradients are to be differentiated again
+    (``create_graph=True``) they come from the composite code instead, or, with a fused
+    activation, a RuntimeError (differentiable once)."""
+    x, weight, bias, stats = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    rest = (None,) * (inputs - 3)
+    if dy is None:
+        return (None, None, None, *rest)
+    if not torch.is_grad_enabled():
+        return (*kernels(dy, x, weight, bias, stats, needs), *rest)
+    if ctx.act:
+        raise RuntimeError(
+            "normlab: the fused norm + activation kernels are differentiable once; use "
+            "backend='torch' for double backward"
+        )
+
+    def forward(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        y4 = torch_ops.normalize(
+            x.reshape(ctx.shape4),
+            None if w is None else w.reshape(-1),
+            None if b is None else b.reshape(-1),
+            per_sample=ctx.per_sample, center=ctx.center, eps=ctx.eps,
+        )[0]
+        return y4.view(x.shape)
+
+    return (*_composite_grads(dy, (x, weight, bias), needs, forward), *rest)
+
+
 class _TrainStepFunction(torch.autograd.Function):
     """Autograd of :func:`batch_norm_train`; differentiable once with an activation, and
     to any order without (double backward runs the composite code)."""
@@ -1047,30 +1081,13 @@ class _TrainStepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor | None, _kept: Any) -> tuple:
-        x, weight, bias, stats = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        rest = (None,) * 7
-        if dy is None:
-            return (None, None, None, *rest)
-        if torch.is_grad_enabled():  # create_graph=True: differentiable grads
-            if ctx.act:
-                raise RuntimeError(
-                    "normlab: the fused BatchNorm + activation kernels are differentiable "
-                    "once; use backend='torch' for double backward"
-                )
-            shape4 = (x.shape[0], x.shape[1], 1, -1)
+        def kernels(dy: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None,
+                    stats: Tensor, needs: tuple[bool, ...]) -> tuple:
+            return _train_step_backward(
+                dy, x, w, b, stats, ctx.act, ctx.slope, ctx.layout, needs
+            )
 
-            def forward(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
-                y4 = torch_ops.normalize(
-                    x.reshape(shape4), w, b, per_sample=False, center=True, eps=ctx.eps
-                )[0]
-                return y4.view(x.shape)
-
-            return (*_composite_grads(dy, (x, weight, bias), needs, forward), *rest)
-        grads = _train_step_backward(
-            dy, x, weight, bias, stats, ctx.act, ctx.slope, ctx.layout, needs
-        )
-        return (*grads, *rest)
+        return _one_call_backward(ctx, dy, 10, kernels)
 
 
 def batch_norm_train(
@@ -1156,6 +1173,8 @@ def _rows_step(
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.rows, ctx.groups, ctx.features = rows, groups, features
         ctx.eps, ctx.center, ctx.act, ctx.slope = eps, center, act, slope
+        ctx.shape4 = (rows // groups, groups, features // groups, -1)
+        ctx.per_sample = True
         ctx.set_materialize_grads(False)
     w, b = _rows_params(weight, bias, features, dtype)
     K.rows_forward(
@@ -1210,31 +1229,11 @@ class _RowsStepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor | None) -> tuple:
-        x, weight, bias, stats = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        rest = (None,) * 8
-        if dy is None:
-            return (None, None, None, *rest)
-        if torch.is_grad_enabled():  # create_graph=True: differentiable grads
-            if ctx.act:
-                raise RuntimeError(
-                    "normlab: the fused norm + activation kernels are differentiable "
-                    "once; use backend='torch' for double backward"
-                )
-            groups, per_group = ctx.groups, ctx.features // ctx.groups
-            shape4 = (ctx.rows // groups, groups, per_group, -1)
+        def kernels(dy: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None,
+                    stats: Tensor, needs: tuple[bool, ...]) -> tuple:
+            return _rows_step_backward(dy, x, w, b, stats, ctx, needs)
 
-            def forward(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
-                y4 = torch_ops.normalize(
-                    x.reshape(shape4),
-                    None if w is None else w.reshape(-1),
-                    None if b is None else b.reshape(-1),
-                    per_sample=True, center=ctx.center, eps=ctx.eps,
-                )[0]
-                return y4.view(x.shape)
-
-            return (*_composite_grads(dy, (x, weight, bias), needs, forward), *rest)
-        return (*_rows_step_backward(dy, x, weight, bias, stats, ctx, needs), *rest)
+        return _one_call_backward(ctx, dy, 10, kernels)
 
 
 def rows_norm(
