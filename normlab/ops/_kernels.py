@@ -165,6 +165,33 @@ def _act_grad(v, code, slope, zero, one):
     return slope
 
 
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _normalize_run(xs, ys, mt, a, c, act, slope, zero):
+    """``ys = act((xs - mt) * a + c)`` over one run of values sharing their coefficients
+    (a plane, or one channel's values in a row); identity in a loop of its own, which
+    the activation's branch would slow even when hoisted."""
+    if act == 0:
+        for s in range(xs.shape[0]):
+            ys[s] = (xs[s] - mt) * a + c
+    else:
+        for s in range(xs.shape[0]):
+            ys[s] = _act((xs[s] - mt) * a + c, act, slope, zero)
+
+
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _input_grad_run(gs, xs, ds, mt, a, c, k1, k0, act, slope, zero, one):
+    """``ds = g * a + (xs - mt) * k1 + k0`` over one run, ``g = gs`` times, with an
+    activation, its derivative at the recomputed pre-activation ``(xs - mt) * a + c``."""
+    if act == 0:
+        for s in range(xs.shape[0]):
+            ds[s] = gs[s] * a + (xs[s] - mt) * k1 + k0
+    else:
+        for s in range(xs.shape[0]):
+            d = xs[s] - mt
+            g = gs[s] * _act_grad(d * a + c, act, slope, zero, one)
+            ds[s] = g * a + d * k1 + k0
+
+
 @_jit(parallel=True)
 def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, act, slope, zero):
     """Per-row statistics and (if ``write``) the normalized, affine output with the
@@ -203,14 +230,8 @@ def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, act, s
                 for k in range(per_group):
                     a = rt * wg[k]
                     c = bg[k]
-                    xs = xr[k * spatial:(k + 1) * spatial]
-                    ys = yr[k * spatial:(k + 1) * spatial]
-                    if act == 0:
-                        for s in range(spatial):
-                            ys[s] = (xs[s] - mt) * a + c
-                    else:
-                        for s in range(spatial):
-                            ys[s] = _act((xs[s] - mt) * a + c, act, sl, zero_)
+                    sl_k = slice(k * spatial, (k + 1) * spatial)
+                    _normalize_run(xr[sl_k], yr[sl_k], mt, a, c, act, sl, zero_)
 
 
 @_jit(parallel=True)
@@ -334,17 +355,9 @@ def rows_backward(
                     a = wg[k] * rt
                     c = bg[k]
                     sl_k = slice(k * spatial, (k + 1) * spatial)
-                    xs = xr[sl_k]
-                    gs = dyr[sl_k]
-                    ds = dx[r, sl_k]
-                    if act == 0:
-                        for s in range(spatial):
-                            ds[s] = gs[s] * a + (xs[s] - mt) * c1 + c2
-                    else:
-                        for s in range(spatial):
-                            d = xs[s] - mt
-                            g = gs[s] * _act_grad(d * a + c, act, sl, zero_, one)
-                            ds[s] = g * a + d * c1 + c2
+                    _input_grad_run(
+                        dyr[sl_k], xr[sl_k], dxr[sl_k], mt, a, c, c1, c2, act, sl, zero_, one
+                    )
     # Merge the pieces in order; the partials of dw are already scaled by rstd (factor 1).
     _merge_sums(pdb, pdw, np.ones(features), db, dw)
 
@@ -683,14 +696,7 @@ def planes_forward(
                     a = rstd[c] * w[c % wc]
                     mt = mean[c]
                     bc = b[c % wc]
-                    xs = x[n, c]
-                    ys = y[n, c]
-                    if act == 0:
-                        for s in range(S):
-                            ys[s] = (xs[s] - mt) * a + bc
-                    else:
-                        for s in range(S):
-                            ys[s] = _act((xs[s] - mt) * a + bc, act, sl, zero)
+                    _normalize_run(x[n, c], y[n, c], mt, a, bc, act, sl, zero)
     return kept
 
 
@@ -753,17 +759,9 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
                 bc = b[c % wc]
                 c1_ = k1[c - c0]
                 c0_ = k0[c - c0]
-                xs = x[n, c]
-                gs = dy[n, c]
-                ds = dx[n, c]
-                if act == 0:
-                    for s in range(S):
-                        ds[s] = gs[s] * a + (xs[s] - mt) * c1_ + c0_
-                else:
-                    for s in range(S):
-                        d = xs[s] - mt
-                        g = gs[s] * _act_grad(d * a + bc, act, sl, zero, one)
-                        ds[s] = g * a + d * c1_ + c0_
+                _input_grad_run(
+                    dy[n, c], x[n, c], dx[n, c], mt, a, bc, c1_, c0_, act, sl, zero, one
+                )
 
 
 @_jit(parallel=False)
