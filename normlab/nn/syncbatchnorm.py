@@ -17,10 +17,16 @@ from torch import Tensor, nn
 from normlab import _checks
 from normlab import distributed as D
 from normlab import functional as F
-from normlab.nn.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormActBase
+from normlab.nn.act import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    BatchNormActBase,
+    _ActMixin,
+)
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from normlab.nn.ghost import GhostBatchNormBase
-from normlab.ops.fused_act import activation, check_activation
+from normlab.ops.fused_act import activation
 
 __all__ = [
     "SyncBatchNorm",
@@ -121,7 +127,7 @@ class SyncBatchNorm(BatchNormBase):
         return convert_sync_batchnorm(module, process_group)
 
 
-class SyncBatchNormAct(SyncBatchNorm):
+class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
     """``act(SyncBatchNorm(input))``: the synchronized counterpart of ``BatchNormAct*d``
     (what ``convert_sync_batchnorm`` turns those into); keyword-only ``act``/``slope``.
 
@@ -147,11 +153,10 @@ class SyncBatchNormAct(SyncBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, process_group, device,
             dtype, **kwargs,
         )
-        self.act, self.slope = check_activation(act, slope)
+        self._set_act(act, slope)
 
     def extra_repr(self) -> str:
-        slope = f", slope={self.slope}" if self.act == "leaky_relu" else ""
-        return f"{super().extra_repr()}, act={self.act!r}{slope}"
+        return super().extra_repr() + self._act_repr()
 
     def forward(self, input: Tensor) -> Tensor:
         return activation(super().forward(input), self.act, self.slope)
