@@ -22,7 +22,9 @@ from torch import Tensor
 from normlab import _checks
 from normlab.nn.batchnorm import BatchNormBase
 from normlab.nn.normalization import GroupNorm, LayerNorm
+from normlab.ops import fused_act
 from normlab.ops.fused_act import (
+    act_code,
     activation,
     batch_norm_act,
     check_activation,
@@ -77,6 +79,14 @@ class BatchNormActBase(_ActMixin, BatchNormBase):
         return super().extra_repr() + self._act_repr()
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and type(input) is Tensor:
+            # The one-call step straight from forward (BatchNormBase._train_direct), the
+            # activation fused where the kernels have it (as batch_norm_act decides).
+            code = act_code(self.act)
+            fuse = code is not None and input.numel() >= fused_act.FUSED_MIN_NUMEL
+            y = self._train_direct(input, code if fuse else 0, self.slope)
+            if y is not None:
+                return y if fuse else activation(y, self.act, self.slope)
         self._check_input_dim(input)
         if not self.training or self._stats_frozen(input) or _checks.one_value_per_channel(input):
             return activation(super().forward(input), self.act, self.slope)

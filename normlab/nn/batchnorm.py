@@ -117,13 +117,14 @@ class BatchNormBase(NormBase):
         except RuntimeError:  # torch's complaint about, say, a reassigned buffer's shape:
             return None  # the general path names the argument (ValueError)
 
-    def _train_direct(self, input: Tensor) -> Tensor | None:
+    def _train_direct(self, input: Tensor, act: int = 0, slope: float = 0.0) -> Tensor | None:
         """Training on backend ``auto`` with CPU input: the one-call train step
-        (``normlab.ops.cpu.AUTO.batch_norm_train``) straight from ``forward``, or ``None``
-        for the general path. It takes only what needs none of the general path's
-        decisions: the layer's rank and channel count, more than one value per channel, a
-        fixed ``momentum``, statistics not frozen; the parameters and buffers are the
-        layer's own, checked when set. Saves the general path's checks and dispatch,
+        (``normlab.ops.cpu.AUTO.batch_norm_train``, with the fused activation ``act``,
+        ``slope``) straight from ``forward``, or ``None`` for the general path. It takes
+        only what needs none of the general path's decisions: the layer's rank and channel
+        count, more than one value per channel, a fixed ``momentum``, statistics not
+        frozen; the parameters and buffers are the layer's own (the step declines any of
+        the wrong shape or dtype). Saves the general path's checks and dispatch,
         ~0.2 ms a step on cold caches (see ``_eval_direct``)."""
         auto = ops.auto_cpu(input)
         if (
@@ -141,7 +142,7 @@ class BatchNormBase(NormBase):
         y = F.train_step(
             auto, input, self.running_mean if track else None,
             self.running_var if track else None, self.weight, self.bias, self.momentum,
-            self.eps,
+            self.eps, act, slope,
         )
         if y is None and track:
             self.num_batches_tracked.sub_(1)  # declined: the general path counts the batch

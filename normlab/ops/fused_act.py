@@ -51,6 +51,7 @@ __all__ = [
     "group_norm_act",
     "layer_norm_act",
     "fused_supported",
+    "act_code",
 ]
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "identity")
@@ -88,6 +89,12 @@ def activation(x: Tensor, act: str, slope: float = 0.01) -> Tensor:
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
 
 
+def act_code(act: str) -> int | None:
+    """The kernels' code for ``act`` where they fuse it (``relu``, ``leaky_relu``,
+    ``identity``), else ``None`` (``silu``, ``gelu``, or no numba)."""
+    return None if cpu is None else cpu.ACT_CODES.get(act)
+
+
 def fused_supported(x: Tensor, backend: str | None = None, act: str = "relu") -> bool:
     """Whether the ``*_norm_act`` functions take the fused kernels for ``x`` and ``act``
     (:func:`batch_norm_act` in training only)."""
@@ -95,7 +102,7 @@ def fused_supported(x: Tensor, backend: str | None = None, act: str = "relu") ->
     return (
         cpu is not None
         and name in ("auto", "cpu")
-        and act in cpu.ACT_CODES
+        and act_code(act) is not None
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() >= 2
         and x.numel() >= max(FUSED_MIN_NUMEL, 1)
