@@ -319,5 +319,9 @@ def test_benchmark_quick_runs() -> None:
     result = module.main(["--quick"])
     assert result["memory_saving"] > 0.4  # InPlaceABN saves > 40% of the saved activations
     assert all(r > 0 for r in result["fused_ratios"].values())
+    assert set(result["geomeans"]) == {
+        f"{layer}/{act}" for layer in module.FUSED_LAYERS for act in module.EAGER_ACTS
+    }
+    assert all(r > 0 for r in result["geomeans"].values())
     assert result["grad_errors"][1]["abn32"] < 1e-4
     assert result["grad_errors"][10]["abn64"] < 1e-10
