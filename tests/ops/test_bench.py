@@ -57,3 +57,19 @@ def test_steady_allocator_keeps_large_blocks_on_the_heap(allocator: str, mmapped
     if out[-1] == "not-glibc":
         pytest.skip("not glibc")
     assert out[-1] == mmapped
+
+
+def test_model_benchmark_quick_runs() -> None:
+    """benchmarks/model.py (a conv stack with each column's norm layers) in its quick mode:
+    every column runs and computes the same function."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--allocator", "system", "--blocks", "3"])
+    assert set(result) == {*module.KINDS, "difference"}
+    assert result["difference"] < 1e-4
+    assert all(result[kind] > 0 for kind in module.KINDS)
