@@ -1145,8 +1145,9 @@ def rows_step_applies(
 
 
 def _rows_params(weight: Tensor | None, bias: Tensor | None, features: int, dtype: torch.dtype):  # noqa: ANN202
-    w = _constant_np(features, dtype, 1.0) if weight is None else weight.detach().numpy()
-    b = _constant_np(features, dtype, 0.0) if bias is None else bias.detach().numpy()
+    """``_param_np`` of both, flat (LayerNorm's parameters have ``normalized_shape``)."""
+    w = _param_np(weight, features, dtype, 1.0)
+    b = _param_np(bias, features, dtype, 0.0)
     return w.reshape(features), b.reshape(features)
 
 
