@@ -100,9 +100,8 @@ class ScriptFrozenBatchNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() not in self.dims or input.shape[1] != self.num_features:
             raise ValueError(
-                "expected input of rank in {} with {} channels at dim 1, got shape {}".format(
-                    self.dims, self.num_features, input.shape
-                )
+                f"expected input of rank in {self.dims} with {self.num_features} channels at "
+                f"dim 1, got shape {input.shape}"
             )
         work = torch.float64 if input.dtype == torch.float64 else torch.float32
         scale = self.weight.to(work) * torch.rsqrt(self.running_var.to(work) + self.eps)
@@ -141,9 +140,7 @@ class ScriptBatchNormAct(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self.dims:
-            raise ValueError(
-                "expected input of rank in {}, got {}D input".format(self.dims, input.dim())
-            )
+            raise ValueError(f"expected input of rank in {self.dims}, got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
