@@ -8,6 +8,13 @@ forward
     fast kernels, ONE ``all_gather`` exchanges them, and every rank merges them with
     Chan's parallel formula (exact count weighting; a rank with 0 samples contributes
     nothing): ``mean = sum n_r m_r / n``, ``M2 = sum M2_r + sum n_r (m_r - mean)^2``.
+channel check
+    ``all_gather`` needs the same size on every rank: with different channel counts gloo
+    aborts the process (SIGABRT) and other backends read garbage. So before the first
+    exchange of an ``owner`` (a layer) on a group, one ``all_gather`` of a fixed-size
+    header ``[C, bytes per value]`` checks that the ranks agree, and every rank raises
+    the same ``ValueError`` if not. Later calls skip it: steady state stays one
+    collective per forward. Without an ``owner`` every call checks.
 backward
     every rank reduces its local ``(sum dy, sum dy * xhat)``, ONE ``all_reduce`` sums
     them, and the input gradient is applied locally. The weight/bias gradients stay
@@ -22,6 +29,7 @@ reported by its watchdog (see ``docs/distributed.md``).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -40,6 +48,7 @@ __all__ = [
     "normalize_synced",
     "sync_batch_norm",
     "check_global_count",
+    "check_channels",
 ]
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, or None for the default (WORLD) group
@@ -97,16 +106,72 @@ def _stats_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+# owner (a layer) -> the process groups its channel count was checked on. Weak on both
+# sides: nothing lands in the layer's __dict__ (deepcopy, pickle and state_dict stay as
+# they were), and a destroyed group can never pass for a new one at the same address.
+_CHECKED: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def _group_object(process_group: ProcessGroup) -> Any:
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def check_channels(
+    channels: int, device: torch.device, process_group: ProcessGroup = None
+) -> None:
+    """Check that every rank of ``process_group`` exchanges statistics of ``channels``
+    channels, with ONE ``all_gather`` of a fixed-size header; raise ``ValueError`` naming
+    every rank's count on every rank if not (all ranks raise at the same point, so the
+    group stays usable). The header is ``[C, bytes per exchanged value]``: its size is
+    the same on every rank whatever ``C`` is, which the statistics' cannot be.
+    """
+    work = _stats_dtype(device)
+    itemsize = torch.empty(0, dtype=work).element_size()
+    header = torch.tensor([channels, itemsize], dtype=torch.int64, device=device)
+    size = dist.get_world_size(process_group)
+    gathered = torch.empty(size * header.numel(), dtype=torch.int64, device=device)
+    _collective(
+        "all_gather", "channel counts", _all_gather_flat, gathered, header, group=process_group
+    )
+    rows = gathered.view(size, header.numel()).tolist()  # the one host read of the check
+    if all(row == rows[0] for row in rows):
+        return
+    seen = ", ".join(
+        f"rank {rank}: {c}" + ("" if b == itemsize else f" ({b}-byte statistics)")
+        for rank, (c, b) in enumerate(rows)
+    )
+    raise ValueError(
+        "normlab.SyncBatchNorm: the ranks of the process group disagree on the number of "
+        f"channels ({seen}; {_describe(process_group)}). Every rank must run the same "
+        "SyncBatchNorm layers, with the same num_features, in the same order."
+    )
+
+
 def gather_batch_stats(
-    mean: Tensor, var: Tensor, count: int, process_group: ProcessGroup = None
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    process_group: ProcessGroup = None,
+    *,
+    owner: Any = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Merge every rank's per-channel statistics into the global batch's: ONE all_gather.
 
     ``mean``/``var`` ``[C]`` are this rank's mean and biased variance over ``count``
     elements per channel (ignored when ``count == 0``). Returns the global ``(mean, var,
     count)``, ``mean``/``var`` ``[C]`` in ``mean``'s dtype, ``var`` biased.
+
+    The ranks' channel counts are checked first (``check_channels``, one more all_gather)
+    on every call, or once per process group for a given ``owner``: any object that
+    supports weak references, normally the calling layer.
     """
     channels = mean.shape[0]
+    group_object = _group_object(process_group)
+    checked = None if owner is None else _CHECKED.get(owner)
+    if checked is None or group_object not in checked:
+        check_channels(channels, mean.device, process_group)
+        if owner is not None:  # only once it passed: a failed check is repeated
+            _CHECKED.setdefault(owner, weakref.WeakSet()).add(group_object)
     work = _stats_dtype(mean.device)
     packed = torch.empty(1 + 2 * channels, dtype=work, device=mean.device)
     packed[0] = count
@@ -134,16 +199,20 @@ def gather_batch_stats(
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Normalize with given global statistics; backward sums the reductions across ranks.
+    """Normalize ``x4 [N, C, 1, S]`` with given global statistics; backward sums the
+    reductions across ranks.
 
     The statistics are inputs (computed outside under ``no_grad``), but backward returns
     the full input gradient, including the path through the global mean and variance.
+    It takes and returns the 4-d view, never reshaping inside: autograd forbids in-place
+    ops (``ReLU(inplace=True)``, ``out += identity``) on a Function output that is a view
+    made inside the Function, while a view made outside (``normalize_synced``) is fine.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        input: Tensor,
+        x4: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         mean: Tensor,
@@ -153,21 +222,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         process_group: ProcessGroup,
         backend: str | None,
     ) -> Tensor:
-        kernels = ops.resolve(input, backend)
-        x4 = _view4(input)
+        kernels = ops.resolve(x4, backend)
         y4 = kernels.normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
-        ctx.save_for_backward(input, weight, mean, torch.rsqrt(var + eps))
+        if y4._base is not None:  # a kernel's view of its own buffer: see the class doc
+            y4 = y4.clone()
+        ctx.save_for_backward(x4, weight, mean, torch.rsqrt(var + eps))
         ctx.count, ctx.group, ctx.backend = count, process_group, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y4.reshape(input.shape)
+        return y4
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, mean, rstd = ctx.saved_tensors
+    def backward(ctx: Any, dy4: Tensor) -> tuple[Tensor | None, ...]:
+        x4, weight, mean, rstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        kernels = ops.resolve(input, ctx.backend)
-        x4, dy4 = _view4(input), _view4(grad_output)
+        kernels = ops.resolve(x4, ctx.backend)
         if x4.numel() > 0:
             sum_dy, sum_dy_xhat = kernels.backward_reduce(dy4, x4, mean, rstd)
         else:  # a rank with no samples still joins the collective, with zeros
@@ -186,12 +255,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             channels = mean.shape[0]
             global_dy, global_dy_xhat = packed[:channels], packed[channels:]
             if x4.numel() > 0:
-                dx4 = kernels.backward_apply(
+                grad_input = kernels.backward_apply(
                     dy4, x4, mean, rstd, weight, global_dy, global_dy_xhat, ctx.count
                 )
-                grad_input = dx4.reshape(input.shape)
             else:
-                grad_input = torch.zeros_like(input)
+                grad_input = torch.zeros_like(x4)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -202,10 +270,15 @@ def _view4(input: Tensor) -> Tensor:
 
 
 def batch_stats(
-    input: Tensor, process_group: ProcessGroup = None, *, backend: str | None = None
+    input: Tensor,
+    process_group: ProcessGroup = None,
+    *,
+    backend: str | None = None,
+    owner: Any = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Per-channel ``(mean, biased var, count)`` of the batch concatenated over all ranks of
-    ``process_group``: local moments with the backend's kernels, then ONE all_gather.
+    ``process_group``: local moments with the backend's kernels, then ONE all_gather
+    (after the channel check, see ``gather_batch_stats`` for ``owner``).
 
     ``input [N, C, *S]`` may be empty on some ranks. ``mean``/``var`` are ``[C]`` in the
     compute dtype (float32, float64 for float64 input); with a global count of 0 they are
@@ -220,7 +293,9 @@ def batch_stats(
             work = torch.float64 if input.dtype == torch.float64 else torch.float32
             mean = torch.zeros(input.shape[1], dtype=work, device=input.device)
             var = torch.zeros_like(mean)
-        mean, var, count = gather_batch_stats(mean, var, local_count, process_group)
+        mean, var, count = gather_batch_stats(
+            mean, var, local_count, process_group, owner=owner
+        )
     if count == 0:
         mean, var = torch.zeros_like(mean), torch.ones_like(var)
     return mean, var, count
@@ -241,10 +316,12 @@ def normalize_synced(
     """Normalize ``input [N, C, *S]`` with the global ``mean``/``var`` ``[C]`` of ``count``
     elements per channel (from ``batch_stats``). Differentiable w.r.t. ``input`` (through
     the statistics too: ONE all_reduce in backward, on every rank), ``weight`` and ``bias``
-    (this rank's share; DDP sums the shares)."""
-    return _SyncBatchNormFunction.apply(
-        input, weight, bias, mean, var, count, eps, process_group, backend
+    (this rank's share; DDP sums the shares). The output may be modified in place."""
+    y4 = _SyncBatchNormFunction.apply(
+        _view4(input), weight, bias, mean, var, count, eps, process_group, backend
     )
+    # Back to [N, C, *S] outside the Function: in-place ops on this view are allowed.
+    return y4.reshape(input.shape)
 
 
 def sync_batch_norm(
@@ -258,13 +335,16 @@ def sync_batch_norm(
     process_group: ProcessGroup = None,
     *,
     backend: str | None = None,
+    owner: Any = None,
 ) -> Tensor:
     """Training-mode BatchNorm of ``input [N, C, *S]`` with statistics over all ranks.
 
     Every rank of ``process_group`` must call it (with any ``N``, including 0) the same
     number of times, and backward likewise. ``running_mean``/``running_var`` ``[C]``, when
     given, are updated in place with the global statistics (unbiased variance over the
-    global count; a non-finite batch leaves them unchanged, with a warning).
+    global count; a non-finite batch leaves them unchanged, with a warning). The ranks'
+    channel counts are checked on every call, or once per process group for an ``owner``
+    (see ``gather_batch_stats``): then the forward is one collective.
     """
     _checks.check_tensor(input)
     _checks.check_min_dim(input, 2, "[N, C, *]")
@@ -278,7 +358,7 @@ def sync_batch_norm(
         _checks.check_vector(value, name, channels, "channels of input (dim 1)")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
-    mean, var, count = batch_stats(input, process_group, backend=backend)
+    mean, var, count = batch_stats(input, process_group, backend=backend, owner=owner)
     check_global_count(count, input)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, count, momentum)

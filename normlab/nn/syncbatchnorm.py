@@ -43,7 +43,10 @@ class SyncBatchNorm(BatchNormBase):
     In training, with ``torch.distributed`` initialized and more than one process in
     ``process_group`` (default: WORLD), the mean and variance are those of the batch
     concatenated over all ranks: one ``all_gather`` in forward, one ``all_reduce`` in
-    backward. Otherwise (not initialized, world size 1, eval) it is plain BatchNorm.
+    backward (plus, on the layer's first such step on a group, one small ``all_gather``
+    that checks the ranks agree on the channel count: ``ValueError`` on every rank if
+    not). Otherwise (not initialized, world size 1, eval) it is plain BatchNorm.
+    The output may be modified in place (``ReLU(inplace=True)``, ``out += identity``).
     Parameters, buffers and state_dict keys are those of ``BatchNorm*d`` and
     ``torch.nn.SyncBatchNorm``. Every rank must run the layer's forward and backward the
     same number of times (a rank with ``N = 0`` still calls them).
@@ -98,7 +101,9 @@ class SyncBatchNorm(BatchNormBase):
         self._check_shape(input)
         self._last_input_dim = input.dim()
         group = self.process_group
-        mean, var, count = D.batch_stats(input, group)
+        # owner=self: the ranks' channel counts are checked on this layer's first
+        # synchronized step on a group (one more small all_gather), not on every step.
+        mean, var, count = D.batch_stats(input, group, owner=self)
         # Decisions that depend on the batch size use the GLOBAL count (known to every rank
         # after the collective), so all ranks take the same path: no rank waits alone.
         if count == 1:

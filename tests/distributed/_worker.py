@@ -4,7 +4,9 @@
 
 Phase "equivalence": every rank builds the same global batch from a seed, runs its slice
 through ``normlab.SyncBatchNorm`` and compares with ``torch.nn.BatchNorm*d`` run in this
-process on the whole batch. Phase "failure": the last rank dies or hangs. Each phase writes
+process on the whole batch. Phase "inplace": the same for a ResNet-like model whose
+SyncBatchNorm outputs are modified in place. Phase "channels": the last rank's layer has
+one more channel. Phase "failure": the last rank dies or hangs. Each phase writes
 ``OUT_DIR/{phase}_rank{RANK}.json``: ``{check name: [error, tolerance]}`` (errors are
 max |a - b| / max(1, |b|)), which the pytest side asserts one by one.
 """
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from normlab import distributed as D
 from normlab import ops
 from normlab.nn.act import BatchNormAct2d
 from normlab.nn.syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
@@ -154,9 +157,11 @@ def run_case(index: int, case: tuple, rank: int, world: int, out: dict[str, list
         y_full = ref(x_full)
         (y_full * grad_full).sum().backward()
         tag = f"{name}/step{step}"
-        out[f"{tag}/collectives_forward"] = [abs(sum(fwd_calls.values()) - 1), 0]
+        # The layer's first step adds the all_gather of the channel check; then only one.
+        expected = 2 if step == 0 else 1
+        out[f"{tag}/collectives_forward"] = [abs(sum(fwd_calls.values()) - expected), 0]
         gathers = fwd_calls.get("all_gather_single", 0) + fwd_calls.get("all_gather_into_tensor", 0)
-        out[f"{tag}/all_gather_forward"] = [abs(gathers - 1), 0]
+        out[f"{tag}/all_gather_forward"] = [abs(gathers - expected), 0]
         out[f"{tag}/collectives_backward"] = [abs(sum(bwd_calls.values()) - 1), 0]
         out[f"{tag}/all_reduce_backward"] = [abs(bwd_calls.get("all_reduce", 0) - 1), 0]
         out[f"{tag}/output"] = [rel_err(y_local, y_full[lo:hi]), tol]
@@ -274,7 +279,8 @@ def run_global_batch_rules(rank: int, world: int, out: dict[str, list[float]]) -
     ref = nlnn.BatchNorm1d(CHANNELS)
     ref.load_state_dict(layer.state_dict())
     out["rules/running/output"] = [rel_err(y, ref.eval()(mine)), 1e-6]
-    out["rules/running/collectives"] = [abs(sum(calls.values()) - 1), 0]  # the all_gather
+    # The statistics' all_gather, after the channel check's (a fresh layer).
+    out["rules/running/collectives"] = [abs(sum(calls.values()) - 2), 0]
     unchanged(layer, "running")
     # small_batch="skip_update": the batch's own statistics (output = bias), no update.
     layer = make(small_batch="skip_update")
@@ -314,6 +320,104 @@ def equivalence(rank: int, world: int) -> dict[str, list[float]]:
     return out
 
 
+class ResidualNet(nn.Module):
+    """A stem and a torchvision BasicBlock: every BatchNorm output is modified in place,
+    by ``ReLU(inplace=True)`` or by ``out += identity``; plus a norm+act layer (identity
+    activation: its output is the norm's) modified in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        kw = dict(kernel_size=3, padding=1, bias=False, dtype=torch.float64)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 4, **kw), nn.BatchNorm2d(4, dtype=torch.float64), nn.ReLU(inplace=True)
+        )
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, **kw), nn.BatchNorm2d(4, dtype=torch.float64)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, **kw), nn.BatchNorm2d(4, dtype=torch.float64)
+        self.conv3 = nn.Conv2d(4, 4, **kw)
+        self.bn3 = BatchNormAct2d(4, act="identity", dtype=torch.float64)  # -> SyncBatchNormAct
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        out = self.relu(out)
+        y = self.bn3(self.conv3(out))
+        y.mul_(2.0)
+        return y
+
+
+def inplace(rank: int, world: int) -> dict[str, list[float]]:
+    """SyncBatchNorm outputs modified in place (ReLU(inplace=True), ``+=`` residual) give
+    the outputs, gradients (input, every parameter) and running statistics of
+    single-process ``torch.nn.BatchNorm2d`` on the concatenated batch."""
+    out: dict[str, list[float]] = {}
+    torch.manual_seed(3)
+    ref = ResidualNet()
+    with torch.no_grad():  # non-trivial affine parameters
+        for module in ref.modules():
+            if hasattr(module, "running_mean"):  # torch's and normlab's BatchNorm layers
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    model = convert_sync_batchnorm(copy.deepcopy(ref))
+    gen = torch.Generator().manual_seed(11)
+    for split in ("uneven", "empty"):
+        counts = split_counts(split, world)
+        lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+        full = torch.randn(sum(counts), 3, 5, 5, generator=gen, dtype=torch.float64)
+        grad = torch.randn(sum(counts), 4, 5, 5, generator=gen, dtype=torch.float64)
+        x_full = full.clone().requires_grad_(True)
+        x_local = full[lo:hi].clone().requires_grad_(True)
+        y_local = model(x_local)
+        (y_local * grad[lo:hi]).sum().backward()
+        y_full = ref(x_full)
+        (y_full * grad).sum().backward()
+        tag = f"inplace/{split}"
+        out[f"{tag}/output"] = [rel_err(y_local, y_full[lo:hi]), 1e-10]
+        out[f"{tag}/grad_input"] = [rel_err(x_local.grad, x_full.grad[lo:hi]), 1e-10]
+        for (key, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
+            out[f"{tag}/grad/{key}"] = [rel_err(all_sum(p.grad), p_ref.grad), 1e-10]
+        for (key, b), b_ref in zip(model.named_buffers(), ref.buffers(), strict=True):
+            out[f"{tag}/buffer/{key}"] = [rel_err(b.double(), b_ref.double()), 1e-10]
+        model.zero_grad()
+        ref.zero_grad()
+    out["inplace/converted"] = [
+        float(sum(isinstance(m, SyncBatchNorm) for m in model.modules()) != 4), 0
+    ]
+    return out
+
+
+def channels(rank: int, world: int) -> dict[str, list[float]]:
+    """The last rank's layer has one channel more: every rank must raise ValueError naming
+    every rank's count (gloo used to abort one process with SIGABRT); the group stays
+    usable afterwards."""
+    out: dict[str, list[float]] = {}
+    counts = [CHANNELS] * (world - 1) + [CHANNELS + 1]
+    expected = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+    mine = counts[rank]
+    layer = SyncBatchNorm(mine)
+    calls = {
+        "layer": lambda: layer(torch.randn(4, mine, 3)),
+        "layer_again": lambda: layer(torch.randn(4, mine, 3)),  # not marked as checked
+        "functional": lambda: D.sync_batch_norm(torch.randn(2, mine, 2), None, None),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            out[f"channels/{name}/raised"] = [1, 0]
+        except ValueError as exc:
+            out[f"channels/{name}/raised"] = [0, 0]
+            out[f"channels/{name}/names_counts"] = [float(expected not in str(exc)), 0]
+    # Every rank raised at the same point: the next collectives still line up.
+    ok = SyncBatchNorm(CHANNELS)
+    x = torch.randn(2 + rank, CHANNELS, 3, requires_grad=True)
+    ok(x).sum().backward()
+    out["channels/group_usable_after"] = [float(x.grad is None), 0]
+    return out
+
+
 TIMEOUT_S = 3.0  # of the group the failure phase runs on
 
 
@@ -350,6 +454,11 @@ def failure(rank: int, world: int) -> dict[str, list[float]]:
     return out
 
 
+PHASES: dict[str, Callable[[int, int], dict[str, list[float]]]] = {
+    "equivalence": equivalence, "inplace": inplace, "channels": channels, "failure": failure,
+}
+
+
 def main() -> None:
     rank, world, port, out_dir = *map(int, sys.argv[1:4]), sys.argv[4]
     torch.set_num_threads(1)  # many ranks share 2 cores
@@ -357,7 +466,7 @@ def main() -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
-    for phase, run in (("equivalence", equivalence), ("failure", failure)):
+    for phase, run in PHASES.items():
         try:
             result = run(rank, world)
         except Exception:

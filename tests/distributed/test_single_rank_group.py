@@ -74,3 +74,34 @@ def test_functional_rejects_bad_arguments(group: None) -> None:
         D.sync_batch_norm(x, torch.zeros(3), None)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         D.sync_batch_norm(torch.randn(1, 3), None, None)
+
+
+@pytest.mark.parametrize("shape, memory_format", [((6, 3), None), ((3, 3, 4, 2), None),
+                                                  ((3, 3, 4, 2), torch.channels_last)])
+def test_output_modified_in_place(group: None, backend: str, shape, memory_format) -> None:
+    """``+= identity`` then ``relu_`` on the synchronized output (a ResNet block's end)
+    are allowed, and the gradients are those of torch's batch_norm followed by the same
+    in-place ops."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    identity = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    channels = shape[1]
+    weight = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    results = []
+    for synced in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (x, identity, weight, bias)]
+        xi, idi, wi, bi = leaves
+        if synced:
+            y = D.sync_batch_norm(xi, None, None, wi, bi)
+        else:
+            y = nn.functional.batch_norm(xi, None, None, wi, bi, training=True)
+        y += idi  # the residual, then the block's ReLU(inplace=True)
+        y.relu_()
+        (y * grad).sum().backward()
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)

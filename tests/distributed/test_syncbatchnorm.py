@@ -81,8 +81,8 @@ def groups(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], li
     for world in WORLD_SIZES:
         logs = [_wait(proc, deadline) for proc in procs[world][:-1]]
         logs.append(_wait(procs[world][-1], min(deadline, time.monotonic() + 2)))
-        for phase in ("equivalence", "failure"):
-            ranks = range(world) if phase == "equivalence" else range(world - 1)
+        for phase in PHASES:
+            ranks = range(world - 1) if phase == "failure" else range(world)
             results[world, phase] = [
                 _read(dirs[world] / f"{phase}_rank{rank}.json", logs) for rank in ranks
             ]
@@ -104,7 +104,9 @@ def _import_worker():
     return module
 
 
-CASE_NAMES = [case[0] for case in _import_worker().CASES]
+_WORKER_MODULE = _import_worker()
+CASE_NAMES = [case[0] for case in _WORKER_MODULE.CASES]
+PHASES = list(_WORKER_MODULE.PHASES)
 
 
 def _assert_checks(results: list[dict], prefix: str) -> None:
@@ -137,6 +139,29 @@ def test_batch_size_rules_use_the_global_batch(groups: dict, world: int, rule: s
     """One value per channel over all ranks (small_batch policies), freeze_stats, and an
     empty global batch: every rank takes the same path, as single-process BatchNorm would."""
     _assert_checks(groups[world, "equivalence"], f"rules/{rule}/")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("split", ["uneven", "empty"])
+def test_output_modified_in_place(groups: dict, world: int, split: str) -> None:
+    """Conv -> SyncBatchNorm -> ReLU(inplace=True) and ``out += identity`` (a ResNet
+    block), and a SyncBatchNormAct output modified in place, train like single-process
+    BatchNorm: outputs, input and parameter gradients, running statistics."""
+    _assert_checks(groups[world, "inplace"], f"inplace/{split}/")
+    assert all(result.get("inplace/converted") == [0, 0] for result in groups[world, "inplace"])
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("call", ["layer", "layer_again", "functional"])
+def test_channel_mismatch_raises_on_every_rank(groups: dict, world: int, call: str) -> None:
+    """Different channel counts on the ranks: every rank raises a ValueError naming each
+    rank's count (no process aborted by gloo: each wrote its results), and the group
+    still works afterwards."""
+    results = groups[world, "channels"]
+    _assert_checks(results, f"channels/{call}/")
+    for result in results:
+        assert f"channels/{call}/names_counts" in result
+    _assert_checks(results, "channels/group_usable_after")
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
