@@ -49,6 +49,7 @@ __all__ = [
     "ScriptLayerNormAct",
     "computes_like",
     "norm_kwargs",
+    "overridden",
     "scriptable",
     "torch_equivalent",
 ]
@@ -237,23 +238,26 @@ def _defined(cls: type, name: str) -> Any:
     return None
 
 
-def computes_like(cls: type, base: type) -> bool:
-    """Whether ``cls`` (a subclass of ``base``) computes what ``base`` computes: it overrides
-    none of the methods ``base`` and its parents (below ``nn.Module``) define, except the
-    ones that only build or describe the layer (``__init__``, ``extra_repr``, ...)."""
-    if cls is base:
-        return True
-    if not issubclass(cls, base):
-        return False
+def overridden(cls: type, base: type) -> list[str]:
+    """The methods (and class attributes) of ``base`` and its parents below ``nn.Module``
+    that the subclass ``cls`` redefines, except the ones that only build or describe the
+    layer (``__init__``, ``extra_repr``, ``reset_parameters``, ...)."""
+    names: list[str] = []
     for klass in base.__mro__:
         if klass is nn.Module:
             break
         for name in vars(klass):
-            if name in _NOT_COMPUTE or name.startswith("__") and name.endswith("__"):
+            if name in _NOT_COMPUTE or name in names or name.startswith("__"):
                 continue
             if _defined(cls, name) is not _defined(base, name):
-                return False
-    return True
+                names.append(name)
+    return names
+
+
+def computes_like(cls: type, base: type) -> bool:
+    """Whether ``cls`` is ``base`` or a subclass that computes what ``base`` computes (it
+    only adds attributes or changes construction: see :func:`overridden`)."""
+    return cls is base or (issubclass(cls, base) and not overridden(cls, base))
 
 
 def norm_kwargs(module: nn.Module) -> dict[str, Any]:

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from normlab import _checks
+from normlab.nn._script import ScriptableMixin
 
 
-class NormBase(nn.Module):
+class NormBase(ScriptableMixin, nn.Module):
     """Base of the layers with per-channel parameters and optional running statistics.
 
     Holds ``weight``/``bias`` ``[C]`` (if ``affine``), and ``running_mean``/``running_var``

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import _checks
+from normlab.nn._script import ScriptableMixin
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from normlab.ops.fused_act import activation as _activation
 
@@ -41,7 +42,7 @@ __all__ = [
 _TorchBN = nn.modules.batchnorm._BatchNorm
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(ScriptableMixin, nn.Module):
     """Fixed BatchNorm over ``input [N, C, *S]`` (2-D to 5-D); see the module docstring.
 
     ``act``/``slope`` (keyword-only, default ``"identity"``) apply an activation after, so

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from normlab import _checks, ops
 from normlab import functional as F
+from normlab.nn._script import ScriptableMixin
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(ScriptableMixin, nn.Module):
     """Group Normalization (Wu & He, 2018) over ``input [N, C, *S]``.
 
     Statistics per sample over each group of ``C / num_groups`` channels and ``*S``; the
@@ -88,7 +89,7 @@ class GroupNorm(nn.Module):
         )
 
 
-class _TrailingNorm(nn.Module):
+class _TrailingNorm(ScriptableMixin, nn.Module):
     """Shared parameters of the norms over the trailing ``normalized_shape`` dimensions."""
 
     def __init__(
