@@ -1,6 +1,9 @@
-"""convert: torch.nn <-> normlab round trips, BatchNorm -> GroupNorm, delegation to sync/frozen."""
+"""convert: torch.nn <-> normlab round trips, BatchNorm -> GroupNorm, delegation to sync/frozen;
+subclasses, user mappings and the report of what was left."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -90,7 +93,8 @@ def test_convert_inplace_and_lone_layer():
     assert isinstance(lone, nlnn.LayerNorm)
     # subclasses (e.g. SyncBatchNorm, custom layers) are not silently rebuilt as the base class
     sync = nn.SyncBatchNorm(4)
-    assert convert(nn.Sequential(sync), to="normlab", inplace=True)[0] is sync
+    with pytest.warns(normlab.tools.ConvertWarning, match=r"1 x torch.nn.SyncBatchNorm"):
+        assert convert(nn.Sequential(sync), to="normlab", inplace=True)[0] is sync
 
 
 @pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, nlnn.BatchNorm2d])
@@ -151,3 +155,215 @@ def test_sync_and_frozen_delegate(to, fn_name, module):
         torch.testing.assert_close(getattr(out[1], key), getattr(model[1], key))
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# --- subclasses, user mappings, the report -------------------------------------------------
+
+
+class _TimmLikeLayerNorm(nn.LayerNorm):
+    """timm's pattern: another default eps and its own forward (same math, other code)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt pattern: LayerNorm over the channels of NCHW input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _NormlabLayerNorm2d(nlnn.LayerNorm):
+    """The same, on normlab's LayerNorm: what a user maps _LayerNorm2d to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _TaggedGroupNorm(nn.GroupNorm):
+    """A subclass that only adds an attribute: computes what GroupNorm computes."""
+
+    def __init__(self, num_groups: int, num_channels: int) -> None:
+        super().__init__(num_groups, num_channels)
+        self.tag = "stage1"
+
+
+class _RmsNorm(nn.Module):
+    """A norm written from scratch (timm's RmsNorm / HF's LlamaRMSNorm pattern)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _PreNorm(nn.Module):
+    """A container named like a norm: not a norm layer itself."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class _Normalize(nn.Module):
+    """Input normalization (torchvision's transforms.Normalize pattern): not a norm layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) / 0.25
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = _Normalize()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), _LayerNorm2d(8))
+        self.gn = _TaggedGroupNorm(2, 8)
+        self.blocks = nn.ModuleList([_TimmLikeLayerNorm(8) for _ in range(3)])
+        self.mix = _PreNorm(8)
+        self.rms = _RmsNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gn(self.stem(self.pre(x))).permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x)
+        return self.rms(self.mix(x))
+
+
+def _net() -> nn.Module:
+    net = _Net()
+    _randomize(net)
+    return net.eval()
+
+
+def test_subclass_with_its_own_forward_is_left_and_reported_once():
+    net = _net()
+    with pytest.warns(normlab.tools.ConvertWarning) as record:
+        out, report = convert(net, to="normlab", return_report=True)
+    assert len(record) == 1  # one warning per call, listing every class with its count
+    message = str(record[0].message)
+    assert "left 5 norm layer(s)" in message
+    timm_like = f"{__name__}._TimmLikeLayerNorm (overrides forward of torch.nn.LayerNorm)"
+    assert f"3 x {timm_like}" in message
+    assert f"1 x {__name__}._LayerNorm2d (overrides forward of" in message
+    assert f"1 x {__name__}._RmsNorm (no normlab equivalent)" in message
+    assert "Normalize" not in message and "PreNorm" not in message
+    # the report: by name; the left layers are untouched, the others converted
+    assert {(m.name, m.cls) for m in report.left} == {
+        ("stem.2", _LayerNorm2d), ("blocks.0", _TimmLikeLayerNorm),
+        ("blocks.1", _TimmLikeLayerNorm), ("blocks.2", _TimmLikeLayerNorm), ("rms", _RmsNorm),
+    }  # fmt: skip
+    assert [(c.name, c.old, c.new) for c in report.converted] == [
+        ("stem.1", nn.BatchNorm2d, nlnn.BatchNorm2d),
+        ("gn", _TaggedGroupNorm, nlnn.GroupNorm),  # only an attribute added: base rule
+        ("mix.norm", nn.LayerNorm, nlnn.LayerNorm),
+    ]
+    assert type(out.stem[2]) is _LayerNorm2d and type(out.blocks[0]) is _TimmLikeLayerNorm
+    assert "3 converted, 5 norm layers left" in str(report)
+    assert f"left      3 x {__name__}._TimmLikeLayerNorm" in report.summary()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(out(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mapping_converts_subclasses_by_class_or_function():
+    net = _net()
+
+    def rms(m: _RmsNorm) -> nn.Module:
+        new = nlnn.RMSNorm(m.weight.shape[0], eps=1e-6)
+        new.weight = m.weight
+        return new
+
+    mapping = {_LayerNorm2d: _NormlabLayerNorm2d, _TimmLikeLayerNorm: nlnn.LayerNorm, _RmsNorm: rms}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left: no warning
+        out, report = convert(net, to="normlab", mapping=mapping, return_report=True)
+    assert report.left == []
+    assert type(out.stem[2]) is _NormlabLayerNorm2d and type(out.rms) is nlnn.RMSNorm
+    assert type(out.blocks[2]) is nlnn.LayerNorm and out.blocks[2].eps == 1e-6  # config carried
+    assert report.counts()["converted"][f"{__name__}._TimmLikeLayerNorm -> normlab.LayerNorm"] == 3
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(out(x), net(x), rtol=1e-5, atol=1e-5)
+    assert type(net.blocks[0]) is _TimmLikeLayerNorm  # not in place
+
+
+def test_warn_false_and_bad_mappings():
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(net, to="normlab", warn=False)
+    with pytest.raises(
+        TypeError,
+        match=rf"mapping \{{{__name__}._RmsNorm: "
+        r"normlab.LayerNorm\}.*function",
+    ):
+        convert(net, to="normlab", mapping={_RmsNorm: nlnn.LayerNorm}, warn=False)
+    with pytest.raises(TypeError, match="mapping applies to"):
+        convert(net, to="frozen", mapping={_RmsNorm: nlnn.RMSNorm})
+    with pytest.raises(TypeError, match="classes to classes or functions"):
+        convert(net, to="normlab", mapping={_RmsNorm: "RMSNorm"})
+
+
+def test_to_torch_shares_tensors_and_reports_layers_torch_lacks():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nlnn.BatchNorm2d(8), nlnn.BatchNormAct2d(8), nlnn.FrozenBatchNorm2d(8)
+    )
+    _randomize(model)
+    params = list(model[1].parameters())
+    with pytest.warns(normlab.tools.ConvertWarning, match=r"normlab.BatchNormAct2d \(no torch"):
+        out, report = convert(model, to="torch", inplace=True, return_report=True)
+    assert type(out[1]) is nn.BatchNorm2d
+    assert all(a is b for a, b in zip(out[1].parameters(), params, strict=True))  # optimizer ok
+    assert [(m.name, m.cls) for m in report.left] == [
+        ("2", nlnn.BatchNormAct2d),
+        ("3", nlnn.FrozenBatchNorm2d),
+    ]
+
+
+class _TimmLikeBatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a BatchNorm2d subclass applying its ``act`` child."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+def test_groupnorm_keeps_activations_and_reports_what_it_cannot_convert():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nlnn.BatchNormAct2d(8, act="leaky_relu", slope=0.2),
+        _TimmLikeBatchNormAct2d(8), nlnn.FrozenBatchNorm2d(8),
+    ).eval()  # fmt: skip
+    _randomize(model)
+    with pytest.warns(normlab.tools.ConvertWarning) as record:
+        out, report = convert(model, to="groupnorm", num_groups=4, return_report=True)
+    message = str(record[0].message)
+    assert "_TimmLikeBatchNormAct2d (overrides forward of torch.nn.BatchNorm2d)" in message
+    assert "normlab.FrozenBatchNorm2d (frozen BatchNorm is kept)" in message
+    assert type(out[1]) is nlnn.GroupNormAct and (out[1].act, out[1].slope) == ("leaky_relu", 0.2)
+    assert [c.name for c in report.converted] == ["1"]
+    x = torch.randn(2, 3, 4, 4)
+    expect = nn.functional.leaky_relu(
+        nn.functional.group_norm(model[0](x), 4, model[1].weight, model[1].bias), 0.2
+    )
+    torch.testing.assert_close(out[1](model[0](x)), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_delegated_targets_report_too():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nlnn.BatchNorm1d(4))
+    out, report = convert(model, to="frozen", return_report=True)
+    assert [(c.name, c.old) for c in report.converted] == [
+        ("1", nn.BatchNorm2d),
+        ("2", nlnn.BatchNorm1d),
+    ]
+    assert report.left == [] and type(out[2]) is nlnn.FrozenBatchNorm1d
