@@ -22,7 +22,38 @@ def check_tensor(value: object, name: str = "input") -> Tensor:
             f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
             f"got dtype {value.dtype}"
         )
+    if value.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {value.layout}; "
+            f"convert it with .to_dense()"
+        )
     return value
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_companion(
+    input: Tensor, value: Tensor | None, name: str, match_dtype: bool = True
+) -> None:
+    """A parameter or buffer used with ``input`` must be on its device and (if
+    ``match_dtype``) have its dtype; float16/bfloat16 input may also take float32 ones
+    (mixed precision), as torch's native norms do (they refuse any other mix)."""
+    if value is None:
+        return
+    if value.device != input.device:
+        raise ValueError(
+            f"{name} is on device {value.device} but input is on {input.device}; move the "
+            f"layer (.to(device)) or the input"
+        )
+    if match_dtype and value.dtype != input.dtype and not (
+        input.dtype in _LOW_PRECISION and value.dtype == torch.float32
+    ):
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but input has dtype {input.dtype}; parameters "
+            f"and buffers must have the input's dtype (float16/bfloat16 input also takes "
+            f"float32 ones): cast the layer (.to(dtype)) or the input"
+        )
 
 
 def check_min_dim(input: Tensor, min_dim: int, layout: str) -> None:
@@ -68,8 +99,11 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
-def check_vector(value: Tensor | None, name: str, size: int, what: str) -> None:
-    """A per-channel parameter or buffer must be ``[size]`` (``None`` passes)."""
+def check_vector(
+    value: Tensor | None, name: str, size: int, what: str, input: Tensor | None = None
+) -> None:
+    """A per-channel parameter or buffer must be ``[size]`` (``None`` passes) and, given
+    ``input``, match it (:func:`check_companion`)."""
     if value is None:
         return
     if not isinstance(value, Tensor):
@@ -79,6 +113,8 @@ def check_vector(value: Tensor | None, name: str, size: int, what: str) -> None:
             f"{name} must have shape ({size},) to match the {size} {what}, "
             f"got shape {tuple(value.shape)}"
         )
+    if input is not None:
+        check_companion(input, value, name)
 
 
 def one_value_per_channel(input: Tensor) -> bool:
@@ -119,7 +155,11 @@ def check_trailing_shape(input: Tensor, shape: tuple[int, ...]) -> None:
         )
 
 
-def check_per_shape(value: Tensor | None, name: str, shape: tuple[int, ...]) -> None:
+def check_per_shape(
+    value: Tensor | None, name: str, shape: tuple[int, ...], input: Tensor, any_dtype: bool
+) -> None:
+    """A parameter of shape ``normalized_shape`` on ``input``'s device, of its dtype
+    unless ``any_dtype`` (torch's rms_norm computes in the promoted dtype)."""
     if value is None:
         return
     if not isinstance(value, Tensor):
@@ -128,3 +168,4 @@ def check_per_shape(value: Tensor | None, name: str, shape: tuple[int, ...]) -> 
         raise ValueError(
             f"{name} must have shape normalized_shape {shape}, got shape {tuple(value.shape)}"
         )
+    check_companion(input, value, name, match_dtype=not any_dtype)

@@ -42,11 +42,12 @@ _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _check_channel_params(input: Tensor, *params: Tensor | None) -> None:
-    """``weight, bias[, running_mean, running_var]``: ``None`` or ``[C]``."""
+    """``weight, bias[, running_mean, running_var]``: ``None`` or ``[C]`` on ``input``'s
+    device, of its dtype."""
     channels = input.shape[1]
     for name, value in zip(_CHANNEL_PARAMS, params, strict=False):
         if value is not None:
-            _checks.check_vector(value, name, channels, "channels of input (dim 1)")
+            _checks.check_vector(value, name, channels, "channels of input (dim 1)", input)
 
 
 def _check_per_channel_args(
@@ -91,6 +92,12 @@ def update_running_stats(
     """
     if count == 0:
         return  # an empty batch carries no statistics; torch leaves the buffers as they are
+    if torch._C._are_functorch_transforms_active():
+        # torch.func's transforms (grad, jacrev, jacfwd) refuse in-place writes to tensors
+        # captured from outside them; an alias taken inside is the transform's own and
+        # writes through (torch's instance_norm updates its buffers the same way).
+        running_mean = torch.ops.aten.alias(running_mean)
+        running_var = torch.ops.aten.alias(running_var)
     correction = count / (count - 1) if count > 1 else 1.0
     kernels = ops.backend("cpu")
     kept = None if kernels is None else kernels.update_running_stats(
@@ -268,6 +275,13 @@ def _check_group_norm_args(
             f"num_groups ({num_groups}) must divide the number of channels of input ({channels})"
         )
     _check_channel_params(input, weight, bias)
+    if input.numel() // num_groups == 1 and input.numel() > 0:
+        # torch's condition (one sample, one value per group): the statistics of one value
+        # say nothing and the output would be just bias.
+        raise ValueError(
+            f"Expected more than 1 value per group, got input size {tuple(input.shape)} with "
+            f"num_groups={num_groups}"
+        )
 
 
 def group_norm(
@@ -294,11 +308,15 @@ def group_norm(
 
 
 def _check_rows_args(
-    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
+    input: Tensor,
+    shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    any_dtype: bool = False,
 ) -> None:
     _checks.check_trailing_shape(input, shape)
-    _checks.check_per_shape(weight, "weight", shape)
-    _checks.check_per_shape(bias, "bias", shape)
+    _checks.check_per_shape(weight, "weight", shape, input, any_dtype)
+    _checks.check_per_shape(bias, "bias", shape, input, any_dtype)
 
 
 def _rows_view(
@@ -358,11 +376,15 @@ def rms_norm(
     backend: str | None = None,
 ) -> Tensor:
     """RMS Normalization: ``x / sqrt(mean(x^2) + eps) * weight`` over the trailing
-    ``normalized_shape`` dimensions. ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    ``normalized_shape`` dimensions. ``eps=None`` means the machine epsilon of the dtype
+    the statistics are computed in, as torch's: float32's for float16/bfloat16 input."""
     _checks.check_tensor(input)
     shape = _checks.normalized_shape_tuple(normalized_shape)
-    eps = torch.finfo(input.dtype).eps if eps is None else _checks.check_eps(eps)
-    _check_rows_args(input, shape, weight, None)
+    if eps is None:
+        eps = torch.finfo(ops.torch_ops.compute_dtype(input.dtype)).eps
+    else:
+        eps = _checks.check_eps(eps)
+    _check_rows_args(input, shape, weight, None, any_dtype=True)
     kernels = ops.resolve(input, backend)
     y = _direct(kernels, "rms_norm", input, shape, weight, eps)
     if y is not None:

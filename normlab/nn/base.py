@@ -16,7 +16,23 @@ from normlab import _checks
 from normlab.nn._script import ScriptableMixin
 
 
-class NormBase(ScriptableMixin, nn.Module):
+class CheckedHyperparameters(nn.Module):
+    """Validates ``eps`` (and ``momentum``) whenever they are set, after construction
+    too (a schedule, a user's ``m.eps = 0``): a bad value is refused where it is set, not
+    turned into NaN output by a route that trusts the layer. ``eps_optional`` layers
+    (RMSNorm) also take ``eps=None``."""
+
+    eps_optional = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "eps" and not (value is None and self.eps_optional):
+            value = _checks.check_eps(value)
+        elif name == "momentum":
+            value = _checks.check_momentum(value)
+        super().__setattr__(name, value)
+
+
+class NormBase(ScriptableMixin, CheckedHyperparameters):
     """Base of the layers with per-channel parameters and optional running statistics.
 
     Holds ``weight``/``bias`` ``[C]`` (if ``affine``), and ``running_mean``/``running_var``
@@ -75,14 +91,6 @@ class NormBase(ScriptableMixin, nn.Module):
             nn.init.ones_(self.weight)
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Validate hyper-parameters changed after construction too (e.g. a schedule).
-        if name == "eps":
-            value = _checks.check_eps(value)
-        elif name == "momentum":
-            value = _checks.check_momentum(value)
-        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         return (

@@ -78,17 +78,18 @@ class BatchNormBase(NormBase):
             )
         if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
             _checks.check_values_per_channel(input)
-
-    def _average_factor(self) -> float:
-        """Counts the batch (in training) and returns the running-average weight of it.
-        The layer's own tensors are checked first: one reassigned with the wrong shape is
-        reported (as the functional API words it) before the counter moves."""
-        if not (self.training and self.track_running_stats):
-            return 0.0 if self.momentum is None else self.momentum
+        # The layer's own tensors too (one reassigned with the wrong shape, device or
+        # dtype), worded as the functional API words them: before any state moves.
         for name in ("weight", "bias", "running_mean", "running_var"):
             _checks.check_vector(
-                getattr(self, name), name, self.num_features, "channels of input (dim 1)"
+                getattr(self, name), name, self.num_features, "channels of input (dim 1)", input
             )
+
+    def _average_factor(self) -> float:
+        """Counts the batch (in training) and returns the running-average weight of it;
+        call it after :meth:`_check_input_dim`."""
+        if not (self.training and self.track_running_stats):
+            return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from normlab import _checks
 from normlab.nn._script import ScriptableMixin
+from normlab.nn.base import CheckedHyperparameters
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from normlab.ops.fused_act import activation as _activation
 
@@ -42,7 +43,7 @@ __all__ = [
 _TorchBN = nn.modules.batchnorm._BatchNorm
 
 
-class FrozenBatchNorm(ScriptableMixin, nn.Module):
+class FrozenBatchNorm(ScriptableMixin, CheckedHyperparameters):
     """Fixed BatchNorm over ``input [N, C, *S]`` (2-D to 5-D); see the module docstring.
 
     ``act``/``slope`` (keyword-only, default ``"identity"``) apply an activation after, so
@@ -111,6 +112,9 @@ class FrozenBatchNorm(ScriptableMixin, nn.Module):
                 f"expected input with num_features={self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            # Any float dtype mixes (the result is the input's), devices do not.
+            _checks.check_companion(input, getattr(self, name), name, match_dtype=False)
         work = torch.float64 if input.dtype == torch.float64 else torch.float32
         scale = self.weight.to(work) * torch.rsqrt(self.running_var.to(work) + self.eps)
         shift = self.bias.to(work) - self.running_mean.to(work) * scale

@@ -56,6 +56,18 @@ def _apply_(y: Tensor, name: str, param: float) -> Tensor:
     return y
 
 
+def _check_overwritable(input: Tensor) -> None:
+    """Autograd refuses an in-place write to a leaf that requires grad, or to a view of
+    one; say so before anything (the input, the running statistics) has changed."""
+    base = input if input._base is None else input._base
+    if torch.is_grad_enabled() and base.is_leaf and base.requires_grad:
+        raise ValueError(
+            "InPlaceABN(inplace=True) writes its output over input, which is a leaf tensor "
+            "that requires grad (or a view of one); pass the output of another layer, "
+            "input.clone(), or build the layer with inplace=False"
+        )
+
+
 class _InPlaceABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -163,15 +175,22 @@ class InPlaceABN(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or self._stats_frozen(input) or _checks.one_value_per_channel(input):
+        if (
+            not self.training
+            or self._stats_frozen(input)
+            or _checks.one_value_per_channel(input)
+            or input.numel() == 0
+        ):
             return _activation(super().forward(input), self.activation, self.activation_param)
         if self.weight is not None and bool((self.weight == 0).any()):
             raise ValueError(
                 "InPlaceABN needs weight without zero entries in training (backward divides "
                 "by weight to recover the normalized input)"
             )
-        factor = self._average_factor()
         inplace = self.inplace and input.is_contiguous()
+        if inplace:
+            _check_overwritable(input)
+        factor = self._average_factor()
         out, mean, var = _InPlaceABNFunction.apply(
             input, self.weight, self.bias, self.eps, self.activation, self.activation_param,
             inplace,

@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from normlab import _checks, ops
 from normlab import functional as F
 from normlab.nn._script import ScriptableMixin
+from normlab.nn.base import CheckedHyperparameters
 
 
-class GroupNorm(ScriptableMixin, nn.Module):
+class GroupNorm(ScriptableMixin, CheckedHyperparameters):
     """Group Normalization (Wu & He, 2018) over ``input [N, C, *S]``.
 
     Statistics per sample over each group of ``C / num_groups`` channels and ``*S``; the
@@ -89,7 +90,7 @@ class GroupNorm(ScriptableMixin, nn.Module):
         )
 
 
-class _TrailingNorm(ScriptableMixin, nn.Module):
+class _TrailingNorm(ScriptableMixin, CheckedHyperparameters):
     """Shared parameters of the norms over the trailing ``normalized_shape`` dimensions."""
 
     def __init__(
@@ -167,10 +168,12 @@ class RMSNorm(_TrailingNorm):
     """Root-mean-square normalization (Zhang & Sennrich, 2019): LayerNorm without centering.
 
     ``y = x / sqrt(mean(x^2) + eps) * weight`` over the trailing ``normalized_shape`` dims;
-    ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
+    ``eps=None`` means the machine epsilon of the computation's dtype, as in torch
+    (float32's for float16/bfloat16 input, float64's for float64).
     """
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    eps_optional = True
 
     def __init__(
         self,

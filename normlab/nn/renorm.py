@@ -88,6 +88,7 @@ class BatchRenormBase(BatchNormBase):
             or self.running_mean is None
             or self._stats_frozen(input)
             or _checks.one_value_per_channel(input)
+            or input.numel() == 0  # no statistics to renormalize with: BatchNorm's empty output
         ):
             return super().forward(input)
         factor = self._average_factor()

@@ -336,6 +336,11 @@ def rows_backward(
                     sum_b += wg[k] * sdx
                     pw[k] += sdx
                     pb[k] += sd
+            if center and L == 1:
+                # A row of one value normalizes to exactly 0 whatever x is, so dx is 0; the
+                # formula below leaves its rounding times rstd (1/sqrt(eps)) instead.
+                dxr[0] = zero_
+                continue
             # dx = g*w*rstd + (x - mean)*c1 + c2 with per-row scalars c1, c2.
             coef[0] = -rt * rt * (sum_b / L)
             coef[1] = -rt * (sum_a / L) if center else 0.0

@@ -214,8 +214,21 @@ def _vector(param: Tensor | None, size: int, dtype: torch.dtype, fill: float) ->
     return param if param.dim() == 1 else param.view(size)
 
 
-@functools.lru_cache(maxsize=64)
+# Constants of at most this many elements are cached: a cache of 64 full-size vectors
+# for wide rows (LayerNorm(2**24) without affine) would hold gigabytes for good, while a
+# large call does not notice one allocation beside its own traffic.
+_CACHED_CONSTANT_MAX = 1 << 16
+
+
 def _constant(size: int, dtype: torch.dtype, fill: float) -> Tensor:
+    """A read-only ``[size]`` vector of ``fill`` for the kernels."""
+    if size > _CACHED_CONSTANT_MAX:
+        return torch.full((size,), fill, dtype=dtype)
+    return _cached_constant(size, dtype, fill)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(size: int, dtype: torch.dtype, fill: float) -> Tensor:
     # Cached: the kernels only read it, and small calls feel every allocation.
     return torch.full((size,), fill, dtype=dtype)
 
@@ -326,7 +339,11 @@ def update_running_stats(
     outside tracing."""
     dtype = batch_mean.dtype
     tensors = (running_mean, running_var, batch_mean, batch_var)
-    if dtype not in (torch.float32, torch.float64) or not _eager(batch_mean) or not all(
+    if (
+        dtype not in (torch.float32, torch.float64)
+        or not _eager(batch_mean)
+        or _composite_only(batch_mean)
+    ) or not all(
         t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
     ):
         return None
@@ -928,9 +945,15 @@ def _cols_np(t: Tensor, channels: int):  # noqa: ANN202  (numpy array)
     return a
 
 
-@functools.lru_cache(maxsize=64)
 def _constant_np(size: int, dtype: torch.dtype, fill: float):  # noqa: ANN202
-    return _constant(size, dtype, fill).numpy()
+    if size > _CACHED_CONSTANT_MAX:
+        return _constant(size, dtype, fill).numpy()
+    return _cached_constant_np(size, dtype, fill)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant_np(size: int, dtype: torch.dtype, fill: float):  # noqa: ANN202
+    return _cached_constant(size, dtype, fill).numpy()
 
 
 def _param_np(param: Tensor | None, size: int, dtype: torch.dtype, fill: float):  # noqa: ANN202
@@ -1409,11 +1432,15 @@ def _native_eval(
 ) -> bool:
     """Whether eval-mode BatchNorm of ``x [N, C, *S]`` with statistics ``[C]`` runs
     ``torch.batch_norm``: float32/float64 throughout, non-empty, statistics not
-    differentiated."""
+    differentiated, and the batch dimension outermost in memory. torch 2.13's CPU
+    backward misreads a batch of one whose batch stride is below another dimension's
+    (the ``[1, C, 1, S]`` view of a channels-last plane, strides ``(C, 1, C*S, C)``):
+    right output, wrong gradients. The kernels take any strides."""
     return (
         x.numel() > 0
         and _same_dtype(x, mean, var, weight, bias)
         and not (mean.requires_grad or var.requires_grad)
+        and x.stride(0) >= max(x.stride())
     )
 
 
@@ -1438,9 +1465,16 @@ def native_route(
     _, g, k, s = x4.shape
     if g == 1 and s == 1:
         return "layer_norm"
-    if k > 1 and s > 1:
+    if k > 1 and s > 1 and not _group_norm_crashes(x4, weight, bias):
         return "group_norm"
     return None
+
+
+def _group_norm_crashes(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether torch 2.13's CPU GroupNorm would crash on ``x``: its backward segfaults
+    (the process dies) for a non-contiguous (channels-last) input that needs no gradient
+    while ``weight`` or ``bias`` do. The kernels take such input instead."""
+    return not x.is_contiguous() and not x.requires_grad and _needs_grad(weight, bias)
 
 
 def _native_normalize(
@@ -1535,7 +1569,12 @@ class AutoBackend(ModuleType):
         takes it (more than one channel per group, ``S > 1``), else ``None``."""
         channels = x.shape[1]
         spatial = x.numel() // (x.shape[0] * channels) if x.numel() else 0
-        if spatial <= 1 or channels == num_groups or not _same_dtype(x, weight, bias):
+        if (
+            spatial <= 1
+            or channels == num_groups
+            or not _same_dtype(x, weight, bias)
+            or _group_norm_crashes(x, weight, bias)
+        ):
             return None
         return torch.group_norm(x, num_groups, weight, bias, eps)
 

@@ -215,3 +215,135 @@ def test_reassigned_state_of_wrong_shape_is_named(make, name, value, x) -> None:
         layer(x)
     for key, old in before.items():
         assert torch.equal(layer.state_dict()[key], old), key
+
+
+# State never moves on an error: every layer and variant, in training and eval, given each
+# kind of bad input, raises a ValueError/TypeError naming the problem, with its parameters,
+# buffers, counter and the input exactly as they were.
+LAYERS: list[tuple[str, Callable[[], torch.nn.Module], tuple[int, ...]]] = [
+    ("bn1d", lambda: normlab.BatchNorm1d(3), (4, 3, 5)),
+    ("bn2d", lambda: normlab.BatchNorm2d(3), (4, 3, 5, 5)),
+    ("bn3d", lambda: normlab.BatchNorm3d(3), (2, 3, 2, 3, 3)),
+    ("bn-act", lambda: normlab.BatchNormAct2d(3), (4, 3, 5, 5)),
+    ("renorm", lambda: normlab.BatchRenorm2d(3), (4, 3, 5, 5)),
+    ("ghost", lambda: normlab.GhostBatchNorm2d(3, virtual_batch_size=2), (4, 3, 5, 5)),
+    ("inplace-abn", lambda: normlab.InPlaceABN(3), (4, 3, 5, 5)),
+    ("frozen", lambda: normlab.FrozenBatchNorm2d(3), (4, 3, 5, 5)),
+    ("in2d", lambda: normlab.InstanceNorm2d(3, affine=True, track_running_stats=True),
+     (4, 3, 5, 5)),
+    ("gn", lambda: normlab.GroupNorm(1, 3), (4, 3, 5, 5)),
+    ("gn-act", lambda: normlab.GroupNormAct(1, 3), (4, 3, 5, 5)),
+    ("ln", lambda: normlab.LayerNorm(5), (4, 3, 5)),
+    ("ln-act", lambda: normlab.LayerNormAct(5), (4, 3, 5)),
+    ("rms", lambda: normlab.RMSNorm(5), (4, 3, 5)),
+]
+# Layers whose parameters may have another float dtype than the input (torch's rms_norm
+# promotes; a frozen BatchNorm is a plain affine map).
+ANY_DTYPE = {"rms", "frozen"}
+TRAILING = {"ln", "ln-act", "rms"}  # normalized over the trailing dims, not channels
+
+# (id, make the bad input from a good one, exception, message pattern)
+BAD_BATCHES: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], type[Exception], str]] = [
+    ("meta", lambda x: x.to("meta"), ValueError, r"on device cpu but input is on meta"),
+    ("sparse", lambda x: x.to_sparse(), TypeError, r"dense \(strided\)"),
+    ("integer", lambda x: x.long(), TypeError, r"floating-point"),
+    ("float64", lambda x: x.double(), TypeError, r"has dtype torch.float32 but input"),
+    ("channels", lambda x: torch.randn(x.shape[0], 4, *x.shape[2:]), ValueError, r"4"),
+    ("trailing", lambda x: torch.randn(*x.shape[:-1], 7), ValueError, r"7"),
+]
+
+
+def _bad_cases() -> list[object]:
+    cases = []
+    for layer_id, make, shape in LAYERS:
+        for bad_id, bad, error, pattern in BAD_BATCHES:
+            if bad_id == "float64" and layer_id in ANY_DTYPE:
+                continue
+            if bad_id == ("channels" if layer_id in TRAILING else "trailing"):
+                continue
+            for training in (True, False):
+                cases.append(pytest.param(
+                    make, shape, bad, error, pattern, training,
+                    id=f"{layer_id}-{bad_id}-{'train' if training else 'eval'}",
+                ))
+    return cases
+
+
+def _snapshot(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+def _assert_unchanged(layer: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = layer.state_dict()
+    for key, old in before.items():
+        assert torch.equal(after[key], old), f"{key} moved"
+
+
+@pytest.mark.parametrize(("make", "shape", "bad", "error", "pattern", "training"), _bad_cases())
+def test_bad_batch_moves_no_state(make, shape, bad, error, pattern, training) -> None:  # noqa: ANN001
+    layer = make().train(training)
+    layer(torch.randn(shape))  # a good step first: the state is not the initial one
+    before = _snapshot(layer)
+    x = bad(torch.randn(shape))
+    x_before = None if x.is_meta or x.is_sparse else x.clone()
+    with pytest.raises(error, match=pattern):
+        layer(x)
+    _assert_unchanged(layer, before)
+    if x_before is not None:
+        assert torch.equal(x, x_before), "the input was modified"
+
+
+# A layer's own tensors reassigned with the wrong dtype or device are named too.
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    ("name", "value", "error", "pattern"),
+    [
+        ("running_mean", torch.zeros(3, dtype=torch.float64), TypeError,
+         r"running_mean has dtype torch.float64"),
+        ("weight", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)), TypeError,
+         r"weight has dtype torch.float64"),
+        ("bias", torch.nn.Parameter(torch.zeros(3, device="meta")), ValueError,
+         r"bias is on device meta"),
+    ],
+    ids=["running_mean-float64", "weight-float64", "bias-meta"],
+)
+def test_reassigned_state_of_wrong_dtype_or_device_is_named(
+    name: str, value: torch.Tensor, error: type[Exception], pattern: str, training: bool
+) -> None:
+    layer = normlab.BatchNorm2d(3).train(training)
+    setattr(layer, name, value)
+    before = _snapshot(layer) if name != "bias" else None
+    with pytest.raises(error, match=pattern):
+        layer(x4)
+    if before is not None:
+        _assert_unchanged(layer, before)
+    else:
+        assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize(("make", "shape"), [c[1:] for c in LAYERS], ids=[c[0] for c in LAYERS])
+def test_empty_batch_gives_empty_output_and_keeps_statistics(make, shape) -> None:  # noqa: ANN001
+    layer = make()
+    layer(torch.randn(shape))
+    before = _snapshot(layer)
+    y = layer(torch.randn(0, *shape[1:]))
+    assert y.shape == (0, *shape[1:])
+    for key in ("running_mean", "running_var"):
+        if key in before:
+            assert torch.equal(layer.state_dict()[key], before[key]), key
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["leaf", "view-of-leaf"])
+def test_inplace_abn_refuses_a_leaf_before_writing(as_view: bool) -> None:
+    layer = normlab.InPlaceABN(3)
+    leaf = torch.randn(4, 3, 5, 5, requires_grad=True)
+    x = leaf.view(4, 3, 25).view(4, 3, 5, 5) if as_view else leaf
+    before, x_before = _snapshot(layer), x.detach().clone()
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        layer(x)
+    _assert_unchanged(layer, before)
+    assert torch.equal(x.detach(), x_before)
+    # Without autograd, or on a non-leaf, the write is allowed.
+    y = layer(leaf * 1.0)
+    y.sum().backward()
+    assert leaf.grad is not None

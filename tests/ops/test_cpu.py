@@ -774,21 +774,21 @@ DIRECT_CASES = [  # functional call on "auto", torch's own function, "auto" take
 
 @pytest.mark.parametrize(("fn", "shape", "pshape", "native"), [c[1:] for c in DIRECT_CASES],
                          ids=[c[0] for c in DIRECT_CASES])
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_auto_matches_torch_natives_and_the_kernels(
-    fn, shape, pshape, native, param_dtype  # noqa: ANN001
+    fn, shape, pshape, native, dtype  # noqa: ANN001
 ) -> None:
     """LayerNorm, GroupNorm and eval BatchNorm on "auto": torch's native function itself
-    (bitwise), called on the input as it comes; the kernels where it declines (parameters of
-    another dtype, one channel per group), with the same results."""
-    x = torch.randn(shape) * 3 + 1
-    w, b = torch.randn(pshape, dtype=param_dtype), torch.randn(pshape, dtype=param_dtype)
+    (bitwise), called on the input as it comes; the kernels where it declines (bfloat16
+    input with float32 parameters, one channel per group), with the same results."""
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    w, b = torch.randn(pshape), torch.randn(pshape)
     with ops.use_backend("auto"):
         got = fn(normlab.functional, x, w, b)
     with ops.use_backend("cpu"):
         kernels = fn(normlab.functional, x, w, b)
     torch.testing.assert_close(got, kernels, rtol=1e-4, atol=1e-5)
-    if native and param_dtype == torch.float32:
+    if native and dtype == torch.float32:
         assert torch.equal(got, fn(nn.functional, x, w, b))
 
 
