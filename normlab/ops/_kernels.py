@@ -757,16 +757,22 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
             # dx = g * a + (x - mean) * k1 + k0 with per-channel k1, k0.
             k1[i] = -a * r * r * (s2[i] / count)
             k0[i] = -a * (s1[i] / count) if center else 0.0
-        for n in range(N):
+        if center and count == 1:
+            # One value per plane normalizes to exactly 0 whatever x is, so dx is 0; the
+            # formula leaves its rounding times rstd (1/sqrt(eps)) instead.
             for c in range(c0, c1):
-                a = rstd[c] * w[c % wc]
-                mt = mean[c]
-                bc = b[c % wc]
-                c1_ = k1[c - c0]
-                c0_ = k0[c - c0]
-                _input_grad_run(
-                    dy[n, c], x[n, c], dx[n, c], mt, a, bc, c1_, c0_, act, sl, zero, one
-                )
+                dx[0, c, 0] = zero
+        else:
+            for n in range(N):
+                for c in range(c0, c1):
+                    a = rstd[c] * w[c % wc]
+                    mt = mean[c]
+                    bc = b[c % wc]
+                    c1_ = k1[c - c0]
+                    c0_ = k0[c - c0]
+                    _input_grad_run(
+                        dy[n, c], x[n, c], dx[n, c], mt, a, bc, c1_, c0_, act, sl, zero, one
+                    )
 
 
 @_jit(parallel=False)

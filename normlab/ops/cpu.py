@@ -1463,7 +1463,7 @@ def native_route(
     if not (center and per_sample) or x4.numel() == 0 or not _same_dtype(x4, weight, bias):
         return None
     _, g, k, s = x4.shape
-    if g == 1 and s == 1:
+    if g == 1 and s == 1 and k > 1:  # one element: the kernels (AutoBackend.layer_norm)
         return "layer_norm"
     if k > 1 and s > 1 and not _group_norm_crashes(x4, weight, bias):
         return "group_norm"
@@ -1556,8 +1556,9 @@ class AutoBackend(ModuleType):
         eps: float,
     ) -> Tensor | None:
         """LayerNorm of ``x`` as it comes by ``torch.layer_norm`` (``native_route``), or
-        ``None`` where the kernels run instead."""
-        if x.numel() == 0 or not _same_dtype(x, weight, bias):
+        ``None`` where the kernels run instead: also over a single element, whose exact
+        input gradient is 0 and torch's is its rounding times ``1/sqrt(eps)``."""
+        if x.numel() == 0 or not _same_dtype(x, weight, bias) or math.prod(normalized_shape) == 1:
             return None
         return torch.layer_norm(x, normalized_shape, weight, bias, eps)
 
