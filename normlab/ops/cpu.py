@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -93,13 +94,34 @@ def _start_numba_threads() -> None:
 _start_numba_threads()
 # GNU OpenMP is not fork-safe: numba terminates a forked child (a DataLoader worker, a
 # fork-started process, a forkserver's child) that launches its pool again. Such a
-# process runs everything on the composite torch backend instead, with the same results.
+# process runs everything on the composite torch backend instead: the same results up to
+# rounding (~1e-7 relative in float32), said once per process by FORKED_CHILD_WARNING.
 _in_forked_child = False
+_forked_child_warned = False
+FORKED_CHILD_WARNING = (
+    "normlab: this process was forked from one that started normlab's numba thread pool "
+    "(e.g. a DataLoader worker), which is not fork-safe; normlab computes here on the "
+    "composite 'torch' backend: the same results up to rounding (~1e-7 relative in "
+    "float32), not bitwise the parent's. Start workers with multiprocessing context "
+    "'spawn' or 'forkserver' to use the kernels."
+)
 
 
 def _mark_forked_child() -> None:
-    global _in_forked_child
+    global _in_forked_child, _forked_child_warned
     _in_forked_child = True
+    _forked_child_warned = False
+
+
+def _declines_forked_child() -> bool:
+    """True in a forked child (warning once there), where the kernels cannot run."""
+    global _forked_child_warned
+    if not _in_forked_child:
+        return False
+    if not _forked_child_warned:
+        _forked_child_warned = True
+        warnings.warn(FORKED_CHILD_WARNING, RuntimeWarning, stacklevel=4)
+    return True
 
 
 if hasattr(os, "register_at_fork"):
@@ -133,7 +155,7 @@ def supports(x: Tensor) -> bool:
         x.is_cpu
         and x.dtype in _DTYPES
         and x.layout == torch.strided
-        and not _in_forked_child
+        and not _declines_forked_child()
     )
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -795,7 +796,7 @@ def test_auto_matches_torch_natives_and_the_kernels(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_falls_back_to_torch_backend() -> None:
     """numba's GNU OpenMP pool is not fork-safe: a forked child that used the kernels
-    would be terminated; instead it computes on the composite backend."""
+    would be terminated; instead it computes on the composite backend, and says so once."""
     x = torch.randn(8, 4, 16, 16)
     parent = normlab.BatchNorm2d(4)(x)  # the parent has used the kernels' thread pool
     assert ops.resolve(x).NAME != "torch"
@@ -804,8 +805,17 @@ def test_forked_child_falls_back_to_torch_backend() -> None:
     if pid == 0:  # pragma: no cover - runs in the child
         status = 1
         try:
-            child = normlab.BatchNorm2d(4)(x)
-            ok = ops.resolve(x).NAME == "torch" and torch.allclose(child, parent, atol=1e-5)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                child = normlab.BatchNorm2d(4)(x)
+                again = normlab.BatchNorm2d(4)(x)
+            said = [str(w.message) for w in caught]
+            ok = (
+                ops.resolve(x).NAME == "torch"
+                and torch.allclose(child, parent, atol=1e-5)
+                and torch.equal(child, again)
+                and said == [cpu.FORKED_CHILD_WARNING]  # once, not per call
+            )
             status = 0 if ok else 2
         finally:
             os.write(write, bytes([status]))
