@@ -8,6 +8,8 @@ normlab is imported lazily so the tools work while parts of the package are miss
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -81,6 +83,18 @@ def is_norm(module: nn.Module) -> bool:
         if cls is not None and isinstance(module, cls):
             return True
     return False
+
+
+def is_norm_like(module: nn.Module) -> bool:
+    """A norm layer, known or not: :func:`is_norm`, or a module whose class name says Norm
+    (timm's ``RmsNorm``, HF's ``LlamaRMSNorm``) and that holds no norm-like module itself,
+    so that containers (``PreNorm``, ``NormBlock``) and input ``Normalize`` do not count."""
+    if is_norm(module) or isinstance(module, _NormBase):
+        return True
+    name = type(module).__name__
+    if "Norm" not in name or re.search(r"Normali[sz]e$", name):
+        return False
+    return not any(is_norm_like(child) for child in module.children())
 
 
 # Activations of normlab's fused layers, named by string (``act``/``slope`` on BatchNormAct*d,

@@ -16,7 +16,6 @@ left is told in one :class:`ConvertWarning`, and in full by ``return_report=True
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -24,10 +23,9 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from normlab.nn._script import norm_kwargs, overridden, torch_equivalent
-from normlab.tools._detect import is_batchnorm, is_frozen_batchnorm, is_norm
+from normlab.tools._detect import is_batchnorm, is_frozen_batchnorm, is_norm_like
 
 __all__ = ["convert", "ConvertReport", "ConvertWarning", "TARGETS"]
 
@@ -155,18 +153,6 @@ def _nearest(cls: type, table: Mapping[type, Any]) -> type | None:
 def _is_normlab(m: nn.Module) -> bool:
     """A normlab layer or a subclass of one."""
     return any(k.__module__.startswith("normlab.") for k in type(m).__mro__)
-
-
-def _norm_like(m: nn.Module) -> bool:
-    """A norm layer convert should know about: a torch.nn or normlab norm, a subclass of
-    one, or a leaf-like module whose class name says Norm (timm's ``RmsNorm``, HF's
-    ``LlamaRMSNorm``), not a container of norms (``PreNorm``) or input ``Normalize``."""
-    if is_norm(m) or isinstance(m, _NormBase):
-        return True
-    name = type(m).__name__
-    if "Norm" not in name or re.search(r"Normali[sz]e$", name):
-        return False
-    return not any(_norm_like(c) for c in m.children())
 
 
 def _why_left(m: nn.Module, to: str, bases: Mapping[type, Any]) -> str:
@@ -301,7 +287,7 @@ def _left_after(model: nn.Module, to: str, converted: set[int]) -> list[Left]:
     normlab_bases = {b: a for a, b in _class_pairs()}
     left = []
     for name, m in model.named_modules():
-        if id(m) in converted or not _norm_like(m):
+        if id(m) in converted or not is_norm_like(m):
             continue
         reason: str | None = None
         if to == "normlab" and not _is_normlab(m):
