@@ -1,6 +1,7 @@
 """The layers: ``torch.nn`` signatures, defaults and state_dict keys, thin over
 ``normlab.functional``; and the BatchNorm variants built on them."""
 
+from normlab.nn._script import NotScriptableError
 from normlab.nn.act import (
     BatchNormAct1d,
     BatchNormAct2d,
@@ -81,4 +82,5 @@ __all__ = [
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
     "register_sync_conversion",
+    "NotScriptableError",
 ]
