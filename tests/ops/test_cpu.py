@@ -307,11 +307,11 @@ def test_compile_fullgraph_has_no_graph_break(
     x = torch.randn(3, 4, 6, 5)
     graphs: list[torch.fx.GraphModule] = []
 
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         graphs.append(gm)
         return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled = torch.compile(model, fullgraph=True, backend=capture)
     for train in (True, False):
         model.train(train), reference.train(train)
         xa, xb = _leaves(x, x)
@@ -325,8 +325,12 @@ def test_compile_fullgraph_has_no_graph_break(
     for a, b in zip(model.buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(a, b)
     code = "".join(gm.code for gm in graphs)
-    if backend == "cpu":
-        assert "normlab.normalize" in code and "normlab.normalize_with_stats" in code
+    assert len(graphs) == 2, len(graphs)  # one graph per mode (train, eval)
+    assert "torch.ops.normlab.normalize(" in code  # training BatchNorm: the kernels' op
+    if backend == "cpu":  # eval BatchNorm on the kernels too
+        assert "torch.ops.normlab.normalize_with_stats(" in code
+    else:  # "auto": eval BatchNorm on torch's native kernel
+        assert "torch.batch_norm(" in code and "normalize_with_stats" not in code
 
 
 # --------------------------------------------------------------------------------------
