@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normlab import _checks, ops
-from normlab.functional import update_running_stats
+from normlab.running import update_running_stats
 
 __all__ = [
     "is_sync_possible",

@@ -22,14 +22,13 @@ checks arguments, builds the view, picks a backend and keeps the running statist
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from normlab import _checks, ops
+from normlab import _checks, ops, running
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
 
@@ -74,65 +73,6 @@ def _check_per_channel_args(
         raise ValueError(f"running_mean and running_var are required when {needs_running}")
 
 
-@torch.no_grad()
-def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    batch_mean: Tensor,
-    batch_var: Tensor,
-    count: int,
-    momentum: float,
-) -> None:
-    """In place: ``running = (1 - momentum) * running + momentum * batch``.
-
-    ``batch_var`` is the biased variance over ``count`` elements; the running variance
-    stores the unbiased one, ``var * count / (count - 1)``, as torch does. A channel
-    whose batch statistics are NaN/Inf keeps its previous running values (the output
-    still follows torch), so one bad batch under AMP cannot poison the model.
-    """
-    if count == 0:
-        return  # an empty batch carries no statistics; torch leaves the buffers as they are
-    if torch._C._are_functorch_transforms_active():
-        # torch.func's transforms (grad, jacrev, jacfwd) refuse in-place writes to tensors
-        # captured from outside them; an alias taken inside is the transform's own and
-        # writes through (torch's instance_norm updates its buffers the same way).
-        running_mean = torch.ops.aten.alias(running_mean)
-        running_var = torch.ops.aten.alias(running_var)
-    correction = count / (count - 1) if count > 1 else 1.0
-    kernels = ops.backend("cpu")
-    kept = None if kernels is None else kernels.update_running_stats(
-        running_mean, running_var, batch_mean, batch_var, correction, momentum
-    )
-    if kept is not None:
-        if kept:
-            _warn_non_finite()
-        return
-    unbiased = batch_var * correction
-    finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(unbiased))
-    compiling = torch.compiler.is_compiling()
-    if not compiling and running_mean.dtype == batch_mean.dtype and bool(finite.all()):
-        # The common case, in as few small ops as possible: lerp_ is exactly
-        # (1 - momentum) * running + momentum * batch.
-        running_mean.lerp_(batch_mean, momentum)
-        running_var.lerp_(unbiased, momentum)
-        return
-    work = batch_mean.dtype
-    new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
-    new_var = running_var.to(work) * (1 - momentum) + unbiased * momentum
-    if compiling:
-        # No data-dependent branch under torch.compile (it would break the graph): guard
-        # unconditionally, without the warning.
-        running_mean.copy_(torch.where(finite, new_mean, running_mean.to(work)))
-        running_var.copy_(torch.where(finite, new_var, running_var.to(work)))
-        return
-    if not bool(finite.all()):
-        _warn_non_finite()
-        new_mean = torch.where(finite, new_mean, running_mean.to(work))
-        new_var = torch.where(finite, new_var, running_var.to(work))
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
-
-
 def _direct(kernels: ModuleType, entry: str, *args: object) -> object | None:
     """The backend's whole-call entry point ``entry`` (see ``normlab.ops``) on ``args``, or
     ``None`` where the backend has none or it declines the input."""
@@ -163,17 +103,8 @@ def train_step(
         return None
     y, kept = result
     if kept:
-        _warn_non_finite()
+        running.warn_non_finite()
     return y
-
-
-def _warn_non_finite() -> None:
-    warnings.warn(
-        "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
-        "kept their previous values for the affected channels",
-        RuntimeWarning,
-        stacklevel=4,
-    )
 
 
 def batch_norm(
@@ -216,7 +147,7 @@ def batch_norm(
         return y4.reshape(input.shape)
     y4, mean, var = kernels.normalize(x4, weight, bias, per_sample=False, center=True, eps=eps)
     if running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, n * spatial, momentum)
+        running.update_running_stats(running_mean, running_var, mean, var, n * spatial, momentum)
     return y4.reshape(input.shape)
 
 
@@ -256,7 +187,7 @@ def instance_norm(
         # torch averages each instance's statistics over the batch; the Bessel factor
         # S / (S - 1) is the same for every instance, so averaging the biased variances
         # and correcting once is the same thing.
-        update_running_stats(
+        running.update_running_stats(
             running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum
         )
     return y4.reshape(input.shape)

@@ -19,7 +19,6 @@ Inference is plain BatchNorm with the running statistics.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -27,28 +26,11 @@ from torch import Tensor
 
 from normlab import _checks, ops
 from normlab.nn.batchnorm import BatchNormBase
+from normlab.running import bessel, update_running_stats
 
 __all__ = ["GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "RUNNING_UPDATES"]
 
 RUNNING_UPDATES = ("mean", "sequential")
-
-
-@torch.no_grad()
-def _ema_(running: Tensor, value: Tensor, factor: float) -> None:
-    """``running = (1 - factor) * running + factor * value`` for the channels where ``value``
-    is finite (a NaN batch must not poison the buffers, as in ``functional``)."""
-    value = value.to(running.dtype)
-    new = running * (1 - factor) + value * factor
-    finite = torch.isfinite(value)
-    if not bool(finite.all()):
-        warnings.warn(
-            "normlab: a virtual batch had non-finite statistics; the running statistics kept "
-            "their previous values for the affected channels",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        new = torch.where(finite, new, running)
-    running.copy_(new)
 
 
 class GhostBatchNormBase(BatchNormBase):
@@ -120,16 +102,17 @@ class GhostBatchNormBase(BatchNormBase):
         return torch.cat(outputs, dim=0)
 
     def _update(self, means: list[Tensor], variances: list[Tensor], counts: list[int]) -> None:
-        unbiased = [v * (n / (n - 1)) for v, n in zip(variances, counts, strict=True)]
         if self.running_update == "sequential":
-            for mean, var in zip(means, unbiased, strict=True):
-                factor = self._average_factor()
-                _ema_(self.running_mean, mean, factor)
-                _ema_(self.running_var, var, factor)
+            for mean, var, count in zip(means, variances, counts, strict=True):
+                update_running_stats(
+                    self.running_mean, self.running_var, mean, var, count, self._average_factor()
+                )
             return
-        factor = self._average_factor()
-        _ema_(self.running_mean, torch.stack(means).mean(0), factor)
-        _ema_(self.running_var, torch.stack(unbiased).mean(0), factor)
+        unbiased = [v * bessel(n) for v, n in zip(variances, counts, strict=True)]
+        update_running_stats(
+            self.running_mean, self.running_var, torch.stack(means).mean(0),
+            torch.stack(unbiased).mean(0), sum(counts), self._average_factor(), unbiased=True,
+        )
 
 
 class GhostBatchNorm1d(GhostBatchNormBase):

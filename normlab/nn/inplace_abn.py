@@ -25,9 +25,9 @@ from torch import Tensor
 from torch.nn import functional as TF
 
 from normlab import _checks, ops
-from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
 from normlab.ops.fused_act import activation as _activation
+from normlab.running import update_running_stats
 
 __all__ = ["InPlaceABN", "ABN_ACTIVATIONS"]
 
@@ -196,7 +196,7 @@ class InPlaceABN(BatchNormBase):
             inplace,
         )
         if self.track_running_stats and input.numel():
-            F.update_running_stats(
+            update_running_stats(
                 self.running_mean, self.running_var, mean, var,
                 input.numel() // input.shape[1], factor,
             )

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab import _checks, ops
-from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
+from normlab.running import update_running_stats
 
 __all__ = [
     "BatchRenormBase",
@@ -114,7 +114,7 @@ class BatchRenormBase(BatchNormBase):
             x4, eff_weight, eff_bias, per_sample=False, center=True, eps=self.eps
         )
         if self.track_running_stats:
-            F.update_running_stats(
+            update_running_stats(
                 self.running_mean, self.running_var, mean, var, input.numel() // c, factor
             )
         return y4.reshape(input.shape)

@@ -27,6 +27,7 @@ from normlab.nn.act import (
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from normlab.nn.ghost import GhostBatchNormBase
 from normlab.ops.fused_act import activation
+from normlab.running import update_running_stats
 
 __all__ = [
     "SyncBatchNorm",
@@ -120,7 +121,7 @@ class SyncBatchNorm(BatchNormBase):
             )
         factor = self._average_factor()
         if self.track_running_stats:
-            F.update_running_stats(
+            update_running_stats(
                 self.running_mean, self.running_var, mean, var, count, factor
             )
         return D.normalize_synced(input, mean, var, count, self.weight, self.bias, self.eps, group)

@@ -354,7 +354,7 @@ def update_running_stats(
     correction: float,
     momentum: float,
 ) -> int | None:
-    """``normlab.functional.update_running_stats`` in one kernel call (eight small torch
+    """``normlab.running.update_running_stats`` in one kernel call (eight small torch
     ops cost more than a whole normalization of a small tensor): returns how many channels
     kept their values (non-finite statistics), or ``None`` where it does not apply (the
     caller then runs the torch code): float32/float64 contiguous CPU vectors of one dtype,

@@ -1,0 +1,98 @@
+"""The running statistics of the BatchNorm family: one update for every layer, variant,
+backend and SyncBatchNorm.
+
+``running = (1 - momentum) * running + momentum * batch``, the variance with Bessel's
+correction (``count / (count - 1)``), a channel whose batch statistics are not finite
+keeping its values (with one :class:`RuntimeWarning`). ``momentum`` is the weight of the
+new batch: ``1 / num_batches_tracked`` for a cumulative average.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from normlab import ops
+
+__all__ = ["bessel", "update_running_stats", "warn_non_finite"]
+
+
+def bessel(count: int) -> float:
+    """The factor from the biased variance of ``count`` values to the unbiased one (1 for a
+    single value, which has no spread to correct)."""
+    return count / (count - 1) if count > 1 else 1.0
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    momentum: float,
+    *,
+    unbiased: bool = False,
+) -> None:
+    """In place: ``running = (1 - momentum) * running + momentum * batch``.
+
+    ``batch_var`` is the biased variance over ``count`` elements (``unbiased=True``: already
+    the unbiased one); the running variance stores the unbiased one,
+    ``var * count / (count - 1)``, as torch does. A channel
+    whose batch statistics are NaN/Inf keeps its previous running values (the output
+    still follows torch), so one bad batch under AMP cannot poison the model.
+    """
+    if count == 0:
+        return  # an empty batch carries no statistics; torch leaves the buffers as they are
+    correction = 1.0 if unbiased else bessel(count)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func's transforms (grad, jacrev, jacfwd) refuse in-place writes to tensors
+        # captured from outside them; an alias taken inside is the transform's own and
+        # writes through (torch's instance_norm updates its buffers the same way).
+        running_mean = torch.ops.aten.alias(running_mean)
+        running_var = torch.ops.aten.alias(running_var)
+    kernels = ops.backend("cpu")
+    kept = None if kernels is None else kernels.update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, correction, momentum
+    )
+    if kept is not None:
+        if kept:
+            warn_non_finite()
+        return
+    unbiased = batch_var * correction
+    finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(unbiased))
+    compiling = torch.compiler.is_compiling()
+    if not compiling and running_mean.dtype == batch_mean.dtype and bool(finite.all()):
+        # The common case, in as few small ops as possible: lerp_ is exactly
+        # (1 - momentum) * running + momentum * batch.
+        running_mean.lerp_(batch_mean, momentum)
+        running_var.lerp_(unbiased, momentum)
+        return
+    work = batch_mean.dtype
+    new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
+    new_var = running_var.to(work) * (1 - momentum) + unbiased * momentum
+    if compiling:
+        # No data-dependent branch under torch.compile (it would break the graph): guard
+        # unconditionally, without the warning.
+        running_mean.copy_(torch.where(finite, new_mean, running_mean.to(work)))
+        running_var.copy_(torch.where(finite, new_var, running_var.to(work)))
+        return
+    if not bool(finite.all()):
+        warn_non_finite()
+        new_mean = torch.where(finite, new_mean, running_mean.to(work))
+        new_var = torch.where(finite, new_var, running_var.to(work))
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+
+def warn_non_finite() -> None:
+    """The one warning of a kept running statistic (non-finite batch statistics)."""
+    warnings.warn(
+        "normlab: a batch had non-finite statistics (NaN/Inf); running_mean/running_var "
+        "kept their previous values for the affected channels",
+        RuntimeWarning,
+        stacklevel=4,
+    )
