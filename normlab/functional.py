@@ -38,15 +38,22 @@ def _spatial_size(input: Tensor) -> int:
 
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _check_channel_params(input: Tensor, *params: Tensor | None) -> None:
+def _check_channel_params(
+    input: Tensor, *params: Tensor | None, buffers_any_dtype: bool = False
+) -> None:
     """``weight, bias[, running_mean, running_var]``: ``None`` or ``[C]`` on ``input``'s
-    device, of its dtype."""
+    device, of its dtype (the running buffers of any float dtype if
+    ``buffers_any_dtype``: torch's instance_norm converts them)."""
     channels = input.shape[1]
     for name, value in zip(_CHANNEL_PARAMS, params, strict=False):
         if value is not None:
-            _checks.check_vector(value, name, channels, "channels of input (dim 1)", input)
+            _checks.check_vector(value, name, channels, "channels of input (dim 1)")
+            _checks.check_companion(
+                input, value, name, match_dtype=not (buffers_any_dtype and "running" in name)
+            )
 
 
 def _check_per_channel_args(
@@ -59,6 +66,7 @@ def _check_per_channel_args(
     momentum: float,
     eps: float,
     needs_running: str | None,
+    buffers_any_dtype: bool = False,
 ) -> None:
     """Checks shared by batch_norm and instance_norm; ``needs_running`` names the flag
     that makes the running statistics mandatory (``None`` when they are optional)."""
@@ -66,7 +74,9 @@ def _check_per_channel_args(
     _checks.check_min_dim(input, min_dim, "[N, C, *S]")
     _checks.check_eps(eps)
     _checks.check_momentum(momentum, allow_none=False)
-    _check_channel_params(input, weight, bias, running_mean, running_var)
+    _check_channel_params(
+        input, weight, bias, running_mean, running_var, buffers_any_dtype=buffers_any_dtype
+    )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if needs_running and running_mean is None:
@@ -171,6 +181,7 @@ def instance_norm(
     _check_per_channel_args(
         input, 3, running_mean, running_var, weight, bias, momentum, eps,
         needs_running=None if use_input_stats else "use_input_stats=False",
+        buffers_any_dtype=True,
     )
     n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
     if use_input_stats and spatial == 1:
@@ -322,4 +333,11 @@ def rms_norm(
         return y
     x4, weight, _ = _rows_view(input, shape, weight, None)
     y4, _, _ = kernels.normalize(x4, weight, None, per_sample=True, center=False, eps=eps)
-    return y4.reshape(input.shape)
+    y = y4.reshape(input.shape)
+    # torch's rms_norm is elementwise past its statistics: its output keeps channels-last.
+    layout = _CHANNELS_LAST.get(input.dim())
+    if layout is not None and not input.is_contiguous() and input.is_contiguous(
+        memory_format=layout
+    ):
+        return y.contiguous(memory_format=layout)
+    return y

@@ -119,9 +119,10 @@ class FrozenBatchNorm(ScriptableMixin, CheckedHyperparameters):
         scale = self.weight.to(work) * torch.rsqrt(self.running_var.to(work) + self.eps)
         shift = self.bias.to(work) - self.running_mean.to(work) * scale
         shape = (1, -1) + (1,) * (input.dim() - 2)
-        y = torch.addcmul(
-            shift.to(input.dtype).reshape(shape), input, scale.to(input.dtype).reshape(shape)
-        )
+        # In the statistics' dtype, rounded once at the end: in float16/bfloat16 the shift
+        # (-running_mean * scale) can be large against the result, or overflow.
+        y = torch.addcmul(shift.reshape(shape), input.to(work), scale.reshape(shape))
+        y = y.to(input.dtype)
         return _activation(y, self.act, self.slope)
 
     @classmethod

@@ -337,9 +337,10 @@ def rows_backward(
                     pw[k] += sdx
                     pb[k] += sd
             if center and L == 1:
-                # A row of one value normalizes to exactly 0 whatever x is, so dx is 0; the
-                # formula below leaves its rounding times rstd (1/sqrt(eps)) instead.
-                dxr[0] = zero_
+                # A row of one value normalizes to exactly 0 whatever x is, so dx is 0 (NaN
+                # where x or dy is not finite, as torch's); the formula below leaves its
+                # rounding times rstd (1/sqrt(eps)) instead.
+                dxr[0] = (dyr[0] + (xr[0] - mt)) * zero_
                 continue
             # dx = g*w*rstd + (x - mean)*c1 + c2 with per-row scalars c1, c2.
             coef[0] = -rt * rt * (sum_b / L)
@@ -758,10 +759,11 @@ def planes_backward(dy, x, mean, rstd, w, b, act, slope, block, center, dx, dw, 
             k1[i] = -a * r * r * (s2[i] / count)
             k0[i] = -a * (s1[i] / count) if center else 0.0
         if center and count == 1:
-            # One value per plane normalizes to exactly 0 whatever x is, so dx is 0; the
-            # formula leaves its rounding times rstd (1/sqrt(eps)) instead.
+            # One value per plane normalizes to exactly 0 whatever x is, so dx is 0 (NaN
+            # where x or dy is not finite, as torch's); the formula leaves its rounding
+            # times rstd (1/sqrt(eps)) instead.
             for c in range(c0, c1):
-                dx[0, c, 0] = zero
+                dx[0, c, 0] = (dy[0, c, 0] + (x[0, c, 0] - mean[c])) * zero
         else:
             for n in range(N):
                 for c in range(c0, c1):

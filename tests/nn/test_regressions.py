@@ -230,3 +230,63 @@ def test_constants_for_absent_parameters_are_not_kept_for_wide_rows() -> None:
     caches = (cpu._cached_constant, cpu._cached_constant_np)
     held = sum(cache.cache_info().currsize for cache in caches)
     assert 0 < held <= 4  # the small call's constants are cached, the wide call's are not
+
+
+# Found by the differential fuzz suite (tests/test_fuzz.py).
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_of_one_element_propagates_non_finite_input(backend: str) -> None:
+    x = torch.tensor([[1.0], [float("inf")], [float("nan")], [-3.0]], requires_grad=True)
+    want = torch.autograd.grad(torch.nn.LayerNorm(1)(x).sum(), x)[0]
+    with normlab.use_backend(backend):
+        got = torch.autograd.grad(normlab.LayerNorm(1)(x).sum(), x)[0]
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_frozen_batch_norm_in_half_precision_is_torchs_eval_batch_norm(dtype: torch.dtype) -> None:
+    """The shift (-running_mean * scale) is large here: rounded to half precision before
+    the sum it cost up to 36x torch's error, and overflowed to inf in float16."""
+    frozen, twin = normlab.FrozenBatchNorm1d(1), torch.nn.BatchNorm1d(1).eval()
+    for layer in (frozen, twin):
+        layer.running_mean.fill_(1000.0)
+        layer.running_var.fill_(1e-4)
+    x = (torch.randn(2, 1, 4, generator=torch.Generator().manual_seed(4)) * 0.01 + 1000)
+    got, want = frozen(x.to(dtype)), twin(x.to(dtype))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 4, 4), (4,)], ids=["whole-sample", "last-dim"])
+def test_rms_norm_keeps_a_channels_last_layout_as_torch(
+    shape: tuple[int, ...], backend: str
+) -> None:
+    x = torch.randn(2, 2, 4, 4).to(memory_format=torch.channels_last)
+    with normlab.use_backend(backend):
+        got = normlab.RMSNorm(shape)(x)
+    want = torch.nn.RMSNorm(shape)(x)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("buffer_dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_instance_norm_running_buffers_of_another_dtype_as_torch(
+    buffer_dtype: torch.dtype, training: bool, backend: str
+) -> None:
+    """torch's instance_norm converts its running buffers: any float dtype is taken."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    layers = [cls(3, track_running_stats=True).train(training)
+              for cls in (torch.nn.InstanceNorm2d, normlab.InstanceNorm2d)]
+    for layer in layers:
+        layer.running_mean = torch.full((3,), 0.5, dtype=buffer_dtype)
+        layer.running_var = torch.full((3,), 2.0, dtype=buffer_dtype)
+    want = layers[0](x)
+    with normlab.use_backend(backend):
+        got = layers[1](x)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layers[1], name), getattr(layers[0], name))
