@@ -20,3 +20,13 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Runs the test with ``normlab.use_backend(name)`` for each importable backend."""
     with normlab.use_backend(request.param):
         yield request.param
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--fuzz-cases N`` / ``--fuzz-seed S``: a longer run of ``tests/test_fuzz.py`` (also
+    ``NORMLAB_FUZZ_CASES`` / ``NORMLAB_FUZZ_SEED``)."""
+    group = parser.getgroup("normlab fuzz")
+    group.addoption("--fuzz-cases", type=int, default=None,
+                    help="cases per backend in tests/test_fuzz.py (default: its fast slice)")
+    group.addoption("--fuzz-seed", type=int, default=None,
+                    help="seed of the cases in tests/test_fuzz.py (default 0)")
