@@ -19,10 +19,12 @@ How it runs:
   dispatcher costs tens of microseconds a call, which small tensors notice).
 - Double backward (a backward run with ``create_graph=True``) is computed with the
   composite torch code, which autograd can differentiate again.
-- numba's threads follow ``torch.get_num_threads()`` (set before each call when they
-  differ), and compiled kernels are cached on disk under ``$NUMBA_CACHE_DIR`` or, if it is
-  unset, ``$XDG_CACHE_HOME/normlab/numba`` (``~/.cache/normlab/numba``), so a read-only
-  install still caches and a second process does not compile again.
+- numba's thread pool starts before the first parallel kernel (not at import); its
+  threads follow ``torch.get_num_threads()`` (set before each call when they differ).
+  Compiled kernels are cached on disk under ``$NUMBA_CACHE_DIR`` or, if it is unset,
+  ``$XDG_CACHE_HOME/normlab/numba`` (``~/.cache/normlab/numba``), so a read-only install
+  still caches and a second process does not compile again; ``os.environ`` and numba's
+  config are left as they were.
 - Per-channel statistics need ``K == 1`` (every BatchNorm); other per-channel views are
   delegated to the composite backend.
 """
@@ -38,6 +40,15 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import numba
+import numpy as np
+import torch
+from numba.core import caching
+from torch import Tensor
+
+from normlab.ops import torch_ops
+from normlab.ops.torch_ops import compute_dtype
+
 
 def cache_dir() -> str:
     """Where the compiled kernels are cached: ``$NUMBA_CACHE_DIR`` if set, else a user dir."""
@@ -47,16 +58,34 @@ def cache_dir() -> str:
     return os.path.join(base, "normlab", "numba")
 
 
-# numba reads NUMBA_CACHE_DIR when it is first imported: set it before that, so that the
-# cache never has to live next to the (possibly read-only) installed sources.
 _CACHE_DIR = cache_dir()
-os.environ.setdefault("NUMBA_CACHE_DIR", _CACHE_DIR)
+_KERNELS_FILE = os.path.realpath(os.path.join(os.path.dirname(__file__), "_kernels.py"))
 
-import numba  # noqa: E402  (after the cache directory is configured)
-import numpy as np  # noqa: E402
 
-if not numba.config.CACHE_DIR:  # numba was imported before us: configure it directly
-    numba.config.CACHE_DIR = _CACHE_DIR
+class _KernelCacheLocator(caching.UserProvidedCacheLocator):
+    """Caches normlab's own kernels (``_kernels.py``) under :func:`cache_dir`, never next
+    to the (possibly read-only) installed sources, without touching ``os.environ`` or
+    numba's global config: a user's own numba functions cache where they did before."""
+
+    def __init__(self, py_func: Callable, py_file: str) -> None:
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(_CACHE_DIR, self.get_suitable_cache_subpath(py_file))
+
+    @classmethod
+    def from_function(cls, py_func: Callable, py_file: str) -> _KernelCacheLocator | None:
+        if os.path.realpath(py_file) != _KERNELS_FILE:
+            return None
+        # The source-file mixin's constructor (UserProvidedCacheLocator's would ask
+        # numba.config.CACHE_DIR, which stays the user's).
+        return super(caching.UserProvidedCacheLocator, cls).from_function(py_func, py_file)
+
+
+if _KernelCacheLocator not in caching.CacheImpl._locator_classes:
+    caching.CacheImpl._locator_classes.insert(0, _KernelCacheLocator)
+
+# After the locator: numba picks a function's cache when its decorator runs.
+from normlab.ops import _kernels as K  # noqa: E402
 
 # numba's OpenMP layer links the system libgomp, a second OpenMP runtime beside the one
 # torch bundles. Its idle threads spin (GOMP's default) on the cores torch's threads need
@@ -72,12 +101,22 @@ _wait_policy = "default"
 
 
 def numba_wait_policy() -> str:
-    """The OMP_WAIT_POLICY numba's OpenMP pool started with (``"default"``: GOMP's)."""
+    """The OMP_WAIT_POLICY numba's OpenMP pool started with (``"default"``: GOMP's);
+    starts the pool if no kernel has yet."""
+    _start_numba_threads()
     return _wait_policy
 
 
+_pool_started = False
+
+
 def _start_numba_threads() -> None:
-    global _wait_policy
+    """Start numba's thread pool, once, before the first parallel kernel (not at import:
+    a process that never runs one never starts it, and may fork freely)."""
+    global _wait_policy, _pool_started
+    if _pool_started:
+        return
+    _pool_started = True
     policy = os.environ.get(WAIT_POLICY_VAR, "PASSIVE").strip()
     if "OMP_WAIT_POLICY" in os.environ or policy.lower() in ("", "keep"):
         numba.get_num_threads()
@@ -91,7 +130,6 @@ def _start_numba_threads() -> None:
     _wait_policy = policy
 
 
-_start_numba_threads()
 # GNU OpenMP is not fork-safe: numba terminates a forked child (a DataLoader worker, a
 # fork-started process, a forkserver's child) that launches its pool again. Such a
 # process runs everything on the composite torch backend instead: the same results up to
@@ -109,7 +147,7 @@ FORKED_CHILD_WARNING = (
 
 def _mark_forked_child() -> None:
     global _in_forked_child, _forked_child_warned
-    _in_forked_child = True
+    _in_forked_child = _in_forked_child or _pool_started  # a pool in this or an older parent
     _forked_child_warned = False
 
 
@@ -127,12 +165,6 @@ def _declines_forked_child() -> bool:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_mark_forked_child)
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from normlab.ops import _kernels as K  # noqa: E402
-from normlab.ops import torch_ops  # noqa: E402
-from normlab.ops.torch_ops import compute_dtype  # noqa: E402
 
 NAME = "cpu"
 ACT_CODES = K.ACT_CODES  # activations the per-channel kernels fuse, by name
@@ -168,6 +200,8 @@ def sync_threads(elements: int | None = None) -> int:
     """Set numba's thread count to torch's (capped by numba's pool size), or to 1 for
     inputs of fewer than ``SERIAL_BELOW`` elements, where waking a second thread costs
     more than it saves; returns the count."""
+    if not _pool_started:
+        _start_numba_threads()
     want = max(1, min(torch.get_num_threads(), _MAX_THREADS))
     if elements is not None and elements < SERIAL_BELOW:
         want = 1

@@ -725,6 +725,58 @@ def test_numba_pool_started_passive_without_changing_the_environment() -> None:
         assert "OMP_WAIT_POLICY" not in os.environ
 
 
+_IMPORT_PROBE = """
+import json, os
+before = dict(os.environ)
+import numba, torch
+numba_cache = numba.config.CACHE_DIR
+import normlab
+from normlab.ops import cpu
+imported = {"environ": dict(os.environ) == before, "pool": cpu._pool_started,
+            "numba_cache": numba.config.CACHE_DIR == numba_cache}
+normlab.BatchNorm2d(4)(torch.randn(8, 4, 16, 16))
+ran = {"environ": dict(os.environ) == before, "pool": cpu._pool_started}
+pid = os.fork()
+if pid == 0:  # a child of a process whose pool runs: the composite backend
+    os._exit(0 if normlab.ops.resolve(torch.randn(2, 2)).NAME == "torch" else 3)
+print(json.dumps({"imported": imported, "ran": ran, "child": os.waitpid(pid, 0)[1]}))
+"""
+
+
+def test_import_leaves_the_process_as_it_was() -> None:
+    """``import normlab`` changes neither ``os.environ`` nor numba's config (a user's own
+    numba functions cache where they did), and starts numba's thread pool only when a
+    kernel first runs; a kernel run leaves the environment alone too."""
+    run = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True,
+                         text=True, check=True)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report == {
+        "imported": {"environ": True, "pool": False, "numba_cache": True},
+        "ran": {"environ": True, "pool": True},
+        "child": 0,
+    }
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_child_forked_before_any_kernel_runs_the_kernels() -> None:
+    """A process forked before its parent started numba's pool (the pool starts with the
+    first kernel) has a pool of its own to start: it runs the kernels, silently."""
+    code = (
+        "import os, warnings, torch, normlab\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    with warnings.catch_warnings():\n"
+        "        warnings.simplefilter('error')\n"
+        "        normlab.BatchNorm2d(4)(torch.randn(8, 4, 16, 16))\n"
+        "        ok = normlab.ops.resolve(torch.randn(2, 2)).NAME != 'torch'\n"
+        "    os._exit(0 if ok else 3)\n"
+        "print(os.waitpid(pid, 0)[1])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert run.stdout.strip().splitlines()[-1] == "0", run.stderr[-2000:]
+
+
 # (x4 shape, per_sample, center) -> the native kernel "auto" uses for train mode.
 AUTO_ROUTES = [
     ((8, 1, 32, 1), True, True, "layer_norm"),
