@@ -15,9 +15,10 @@ from normlab import ops
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(params=ops.available())
+@pytest.fixture(params=["auto", *ops.available()])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs the test with ``normlab.use_backend(name)`` for each importable backend."""
+    """Runs the test with ``normlab.use_backend(name)`` for "auto" (the route users get)
+    and each importable backend."""
     with normlab.use_backend(request.param):
         yield request.param
 
