@@ -1,4 +1,4 @@
-"""numba kernels of the CPU backend, on two 2-D layouts of the canonical ``[N, G, K, S]`` view.
+"""numba kernels of the CPU backend, on three layouts of the canonical ``[N, G, K, S]`` view.
 
 - **rows**: ``x [R, L]`` C-contiguous, ``R = N*G`` rows of ``L = K*S`` elements; the
   affine index of element ``(r, k*S + s)`` is ``(r % G)*K + k``. Per-sample norms take
@@ -6,18 +6,23 @@
   channel ``r % C`` over the ``N`` planes (``channel_rows_*``).
 - **cols**: ``x [M, C]`` C-contiguous, ``M = N*S`` rows of ``C`` channels (channels-last
   BatchNorm, or any ``S == 1`` input): statistics per column (``channel_cols_*``).
+- **planes**: ``x [N, C, S]`` C-contiguous, statistics per channel over its ``N`` planes,
+  channels in blocks (``planes_*``: NCHW BatchNorm with many channels, and the short rows
+  of InstanceNorm/GroupNorm run as ``[1, N*C, S]``).
 
 Every kernel is deterministic at any thread count: work is cut into a fixed, shape-only
 set of pieces (rows, planes or row chunks), each piece writes its own partial result,
 and partials are merged serially in a fixed order. Sums are accumulated in float64; the
-variance is two-pass (a mean, then squared deviations from it with the shifted-data
-correction), and partial (mean, M2) pairs are combined exactly with
+variance is taken about a shift (the first pass's mean on long rows, the first value on
+short rows and planes) with the shifted-data correction, and partial (mean, M2) pairs
+are combined exactly with
 ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``. Elementwise work stays in the data dtype
 so it vectorizes at full width. ``fastmath`` allows reassociation (vector accumulators)
 and contraction, not ``nnan``/``ninf``: NaN and Inf propagate as in torch.
 
 Compile time is the cost of numba (seconds per kernel and dtype, then cached on disk), so
-there are six kernels, one or two ``prange`` loops each, and only ``prange`` is
+there are few kernels (rows, channel rows, channel cols and planes, forward and backward
+each, and the running update), one or two ``prange`` loops each, and only ``prange`` is
 parallelized (no implicit parfors from array expressions or allocations). All arrays of
 a call share one dtype (float32 or float64) except the float64 scratch buffers: two
 signatures per kernel. Flags are runtime arguments, not compile-time variants.

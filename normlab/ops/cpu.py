@@ -6,9 +6,11 @@ canonical view ``x4 = [N, G, K, S]``, and ``supports(x)``.
 
 How it runs:
 
-- Kernels (``normlab.ops._kernels``) work on two 2-D layouts: *rows* (``[N*G, K*S]``,
-  contiguous input: per-sample norms and NCHW BatchNorm) and *cols* (``[N*S, C]``:
-  channels-last BatchNorm, or ``S == 1``). Any other strides are copied to contiguous.
+- Kernels (``normlab.ops._kernels``) work on three layouts: *rows* (``[N*G, K*S]``,
+  contiguous input: per-sample norms and NCHW BatchNorm), *cols* (``[N*S, C]``:
+  channels-last BatchNorm, or ``S == 1``) and *planes* (``[N, C, S]`` in channel blocks:
+  NCHW BatchNorm with many channels, short per-sample rows). Any other strides are
+  copied to contiguous.
 - float32/float64 run natively; float16/bfloat16 are converted to float32 (the compute
   dtype), statistics are returned in it and the output converted back.
 - The ops ``normlab::normalize``, ``normlab::normalize_with_stats``,
