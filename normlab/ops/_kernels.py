@@ -58,6 +58,11 @@ def _jit(parallel: bool):  # noqa: ANN202
 _BLOCK = 256
 # Rows of at most this many values take one float64 pass for their moments (_moments).
 _SHORT_ROW = 256
+# float64 block accumulators, for data whose squares overflow its own dtype.
+_FLOAT64_ZERO = np.zeros(1)
+# Past this sum of squared deviations, some |x - mean| may exceed float32's range (each
+# one is at most its square root): such a row or plane is normalized in float64.
+_WIDE_M2 = float(np.finfo(np.float32).max) ** 2 / 4
 
 
 @_jit(parallel=False)
@@ -82,7 +87,8 @@ def _sum(v, zero):
 
 @_jit(parallel=False)
 def _deviation_sums(v, m, zero):
-    """float64 ``(sum(v - m), sum((v - m)^2))`` of the 1-D array ``v``, blocked."""
+    """float64 ``(sum(v - m), sum((v - m)^2))`` of the 1-D array ``v``, blocked; the
+    differences are taken in ``zero``'s dtype."""
     s1 = 0.0
     s2 = 0.0
     for j0 in range(0, v.shape[0], _BLOCK):
@@ -90,7 +96,7 @@ def _deviation_sums(v, m, zero):
         a1 = zero[0]
         a2 = zero[0]
         for j in range(blk.shape[0]):
-            d = blk[j] - m
+            d = zero.dtype.type(blk[j]) - m  # in the accumulators' dtype (a no-op cast)
             a1 += d
             a2 += d * d
         s1 += a1
@@ -135,9 +141,14 @@ def _moments(v, shift, i, center, zero):
             s2 += d * d
         shift[i] = h
         return h + s1 / n, max(s2 - s1 * s1 / n, 0.0)
-    shift[i] = _sum(v, zero) / n if center else 0.0
+    total = _sum(v, zero) if center else 0.0
+    if not np.isfinite(total):  # sums past the data dtype's range: float64 blocks
+        total = _sum(v, _FLOAT64_ZERO)
+    shift[i] = total / n
     m = shift[i]
     s1, s2 = _deviation_sums(v, m, zero)
+    if not np.isfinite(s2):
+        s1, s2 = _deviation_sums(v, m, _FLOAT64_ZERO)
     if not center:
         return 0.0, s2
     return m + s1 / n, s2 - s1 * s1 / n
@@ -184,6 +195,16 @@ def _normalize_run(xs, ys, mt, a, c, act, slope, zero):
 
 
 @njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _normalize_run_wide(xs, ys, mt, a, c, act, slope, zero):
+    """:func:`_normalize_run` in float64, for values whose distance to the mean passes the
+    data dtype's range (float32 data near its maximum): ``a`` is float64."""
+    m = np.float64(mt)
+    for s in range(xs.shape[0]):
+        y = (np.float64(xs[s]) - m) * a + np.float64(c)
+        ys[s] = _act(ys.dtype.type(y), act, slope, zero) if act != 0 else y
+
+
+@njit(inline="always", fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _input_grad_run(gs, xs, ds, mt, a, c, k1, k0, act, slope, zero, one):
     """``ds = g * a + (xs - mt) * k1 + k0`` over one run, ``g = gs`` times, with an
     activation, its derivative at the recomputed pre-activation ``(xs - mt) * a + c``."""
@@ -224,7 +245,14 @@ def rows_forward(x, w, b, groups, center, eps, y, mean, var, rstd, write, act, s
             g0 = (r % groups) * per_group
             wg = w[g0:g0 + per_group]
             bg = b[g0:g0 + per_group]
-            if spatial == 1:
+            if m2 > _WIDE_M2:
+                r64 = 1.0 / np.sqrt(v + eps)
+                for k in range(per_group):
+                    sl_k = slice(k * spatial, (k + 1) * spatial)
+                    _normalize_run_wide(
+                        xr[sl_k], yr[sl_k], mt, r64 * wg[k], bg[k], act, sl, zero_
+                    )
+            elif spatial == 1:
                 if act == 0:
                     for k in range(per_group):
                         yr[k] = (xr[k] - mt) * (rt * wg[k]) + bg[k]
@@ -666,6 +694,7 @@ def planes_forward(
     for task in prange((C + block - 1) // block):
         c0 = task * block
         c1 = min(C, c0 + block)
+        wide = np.zeros(c1 - c0)  # float64 rstd of the channels normalized in float64, or 0
         if stats:
             shift = np.zeros(c1 - c0)
             s1 = np.zeros(c1 - c0)
@@ -696,6 +725,8 @@ def planes_forward(
                     mean[c] = 0.0
                 var[c] = v
                 rstd[c] = 1.0 / np.sqrt(v + eps)
+                if v * count > _WIDE_M2:
+                    wide[i] = 1.0 / np.sqrt(v + eps)
             if update:
                 kept += running_update(
                     running_mean[c0:c1], running_var[c0:c1], mean[c0:c1], var[c0:c1],
@@ -704,10 +735,14 @@ def planes_forward(
         if write:
             for n in range(N):
                 for c in range(c0, c1):
-                    a = rstd[c] * w[c % wc]
                     mt = mean[c]
                     bc = b[c % wc]
-                    _normalize_run(x[n, c], y[n, c], mt, a, bc, act, sl, zero)
+                    if wide[c - c0] > 0.0:
+                        a64 = wide[c - c0] * w[c % wc]
+                        _normalize_run_wide(x[n, c], y[n, c], mt, a64, bc, act, sl, zero)
+                    else:
+                        a = rstd[c] * w[c % wc]
+                        _normalize_run(x[n, c], y[n, c], mt, a, bc, act, sl, zero)
     return kept
 
 

@@ -3,6 +3,7 @@ case failed before its fix. Every backend the user can pick, "auto" included."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -290,3 +291,42 @@ def test_instance_norm_running_buffers_of_another_dtype_as_torch(
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(layers[1], name), getattr(layers[0], name))
+
+
+NEAR_FLOAT32_MAX = [  # id, layer, input shape, channels-last: the per-sample kernel paths
+    ("in2d-planes", lambda: normlab.InstanceNorm2d(32, affine=True), (8, 32, 4, 4), False),
+    ("in2d-planes-channels-last", lambda: normlab.InstanceNorm2d(16, affine=True),
+     (4, 16, 7, 7), True),
+    ("in1d-rows", lambda: normlab.InstanceNorm1d(4, affine=True), (2, 4, 200), False),
+    ("in1d-long-rows", lambda: normlab.InstanceNorm1d(4, affine=True), (2, 4, 1000), False),
+    # "cpu" only: "auto" runs torch's native GroupNorm, non-finite here as torch's layer.
+    ("group-rows-cpu", lambda: normlab.GroupNorm(2, 4), (2, 4, 1000), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "channels_last", "backend"),
+    [pytest.param(*c[1:], backend, id=f"{c[0]}-{backend}") for c in NEAR_FLOAT32_MAX
+     for backend in (("cpu",) if c[0].endswith("-cpu") else ("auto", "cpu"))],
+)
+def test_float32_input_near_its_maximum_gives_the_finite_truth(
+    make, shape, channels_last, backend  # noqa: ANN001
+) -> None:
+    """Values up to 3.3e38: their squares (and some x - mean) pass float32's range, the
+    float64 truth is finite. The kernels take those rows/planes in float64 (torch's own
+    InstanceNorm is finite here; its channels-last BatchNorm, GroupNorm, LayerNorm not)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=gen).clamp(-3, 3) * 1.1e38
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2, generator=gen)
+        layer.bias.uniform_(-1, 1, generator=gen)
+    truth = copy.deepcopy(layer).double()
+    with normlab.use_backend("torch"):  # the composite code in float64: the truth
+        want = truth(x.double())
+    with normlab.use_backend(backend):
+        got = layer(x)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
