@@ -117,6 +117,22 @@ def check_vector(
         check_companion(input, value, name)
 
 
+def check_vectors(input: Tensor, size: int, what: str, **vectors: Tensor | None) -> None:
+    """:func:`check_vector` of each named vector against ``input``, with a fast pass for
+    the common case (``[size]``, the input's device and dtype)."""
+    device, dtype, shape = input.device, input.dtype, (size,)
+    for name, value in vectors.items():
+        if value is None or (
+            type(value) in _TENSOR_TYPES and value.shape == shape and value.dtype == dtype
+            and value.device == device
+        ):
+            continue
+        check_vector(value, name, size, what, input)
+
+
+_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def one_value_per_channel(input: Tensor) -> bool:
     """Whether a non-empty ``[N, C, *S]`` batch holds a single value per channel."""
     return input.numel() > 0 and input.numel() // input.shape[1] == 1

@@ -366,14 +366,11 @@ def threading_info() -> str:
 
 
 def _backend_label() -> str:
-    """The backend normlab's layers run on here: ``"auto"`` also names the routes to torch's
-    native kernels (docs/backends.md)."""
+    """The backend normlab's layers run on here and its CPU training route (entry names:
+    ``cpu`` normlab's kernels, ``native`` torch's, ``torch`` the composite code)."""
     name = normlab.ops.requested()
-    chosen = normlab.ops.resolve(torch.empty(1))
-    if name == "auto" and chosen.__name__.endswith(".auto"):
-        return (f"auto ({chosen.NAME} kernels; LayerNorm, GroupNorm and eval BatchNorm on "
-                "torch's native kernels)")
-    return f"{name} ({chosen.NAME})" if name == "auto" else name
+    entries = normlab.ops.routes("cpu", "train", name)
+    return f"{name} (CPU train route: {' > '.join(type(e).__name__ for e in entries)})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ reported by its watchdog (see ``docs/distributed.md``).
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normlab import _checks, ops
+from normlab import _checks, ops, plan
 from normlab.running import update_running_stats
 
 __all__ = [
@@ -222,7 +221,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         process_group: ProcessGroup,
         backend: str | None,
     ) -> Tensor:
-        kernels = ops.resolve(x4, backend)
+        kernels = ops.pieces(x4, backend)
         y4 = kernels.normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
         if y4._base is not None:  # a kernel's view of its own buffer: see the class doc
             y4 = y4.clone()
@@ -236,7 +235,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy4: Tensor) -> tuple[Tensor | None, ...]:
         x4, weight, mean, rstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        kernels = ops.resolve(x4, ctx.backend)
+        kernels = ops.pieces(x4, ctx.backend)
         if x4.numel() > 0:
             sum_dy, sum_dy_xhat = kernels.backward_reduce(dy4, x4, mean, rstd)
         else:  # a rank with no samples still joins the collective, with zeros
@@ -264,9 +263,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 
 def _view4(input: Tensor) -> Tensor:
-    """``[N, C, *S] -> [N, C, 1, prod(S)]``: a view for contiguous and channels-last input."""
-    n, channels = input.shape[0], input.shape[1]
-    return input.reshape(n, channels, 1, math.prod(input.shape[2:]))
+    """``[N, C, *S] -> [N, C, 1, prod(S)]``: BatchNorm's plan view."""
+    return plan.batch(input, True, 0.0).x4(input)
 
 
 def batch_stats(
@@ -288,10 +286,11 @@ def batch_stats(
     local_count = x4.shape[0] * x4.shape[3]
     with torch.no_grad():
         if local_count > 0:
-            mean, var = ops.resolve(input, backend).moments(x4, per_sample=False, center=True)
+            mean, var = ops.pieces(input, backend).moments(x4, per_sample=False, center=True)
         else:
-            work = torch.float64 if input.dtype == torch.float64 else torch.float32
-            mean = torch.zeros(input.shape[1], dtype=work, device=input.device)
+            mean = torch.zeros(
+                input.shape[1], dtype=plan.compute_dtype(input.dtype), device=input.device
+            )
             var = torch.zeros_like(mean)
         mean, var, count = gather_batch_stats(
             mean, var, local_count, process_group, owner=owner

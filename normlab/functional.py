@@ -1,44 +1,59 @@
 """The normalization family as functions, mirroring ``torch.nn.functional``.
 
-All five are one computation: view the input, without copying where its layout allows,
-as ``x4 = [N, G, K, S]`` and normalize with statistics either per ``G`` over
-``(N, K, S)`` or per ``(N, G)`` over ``(K, S)``; the affine parameters are ``[G*K]``.
+All five are one computation (``normlab.plan``): each function checks its arguments,
+builds the plan of the call, and runs it on the provider the routing table of
+``normlab.ops`` picks; the provider also updates the running statistics
+(``normlab.running``). ``batch_norm``, ``group_norm`` and ``layer_norm`` take a fused
+activation ``act`` (``relu``, ``leaky_relu`` with ``slope``, ``silu``, ``gelu``,
+``identity``): ``act(norm(x))``, in one kernel pass where the provider fuses it (the CPU
+kernels: relu and leaky_relu on contiguous float32/float64 input; differentiable once
+there, use ``backend="torch"`` for double backward).
 
-=============  ==========================  ===========  ==================
-function       x4 view of ``[N, C, *S]``   statistics   affine per
-=============  ==========================  ===========  ==================
-batch_norm     ``(N, C, 1, prod(S))``      per ``C``    channel
-instance_norm  ``(N, C, 1, prod(S))``      per (n, c)   channel
-group_norm     ``(N, G, C/G, prod(S))``    per (n, g)   channel
-layer_norm     ``(rows, 1, D, 1)``         per row      normalized element
-rms_norm       ``(rows, 1, D, 1)``         per row      normalized element
-=============  ==========================  ===========  ==================
-
-(for ``layer_norm``/``rms_norm``, ``D = prod(normalized_shape)`` and ``rows`` is the
-product of the leading dimensions). The kernels live in ``normlab.ops``; this module
-checks arguments, builds the view, picks a backend and keeps the running statistics.
+The private ``_batch_norm``, ``_instance_norm``, ... run a plan on arguments already
+checked: the layers check their own tensors once and call those.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from normlab import _checks, ops, running
+from normlab import _checks, ops, plan
+from normlab.ops.composite import activation
+from normlab.plan import ACTIVATIONS
 
-__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
+__all__ = [
+    "ACTIVATIONS", "activation", "batch_norm", "check_activation", "group_norm",
+    "instance_norm", "layer_norm", "rms_norm", "stats_and_output",
+]
 
 
-def _spatial_size(input: Tensor) -> int:
-    return math.prod(input.shape[2:])
+def check_activation(act: str, slope: float = 0.01) -> tuple[str, float]:
+    """Validate an activation name and its ``slope`` (leaky_relu's negative slope)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
+        raise TypeError(f"slope must be a finite float, got {slope!r}")
+    return act, float(slope)
+
+
+def _run(
+    p: plan.Plan,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    backend: str | None,
+) -> Tensor:
+    provider = ops.route(p, input, weight, bias, running_mean, running_var, backend)
+    return provider.forward(p, input, weight, bias, running_mean, running_var)
 
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _check_channel_params(
@@ -83,40 +98,6 @@ def _check_per_channel_args(
         raise ValueError(f"running_mean and running_var are required when {needs_running}")
 
 
-def _direct(kernels: ModuleType, entry: str, *args: object) -> object | None:
-    """The backend's whole-call entry point ``entry`` (see ``normlab.ops``) on ``args``, or
-    ``None`` where the backend has none or it declines the input."""
-    call = getattr(kernels, entry, None)
-    return None if call is None else call(*args)
-
-
-def train_step(
-    kernels: ModuleType,
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float,
-    eps: float,
-    act: int = 0,
-    slope: float = 0.0,
-) -> Tensor | None:
-    """A backend's one-call BatchNorm train step (``batch_norm_train``: statistics,
-    output with an optional fused activation, running update) on checked arguments, or
-    ``None`` where the backend has none for this input."""
-    result = _direct(
-        kernels, "batch_norm_train", input, weight, bias, running_mean, running_var,
-        momentum, eps, act, slope,
-    )
-    if result is None:
-        return None
-    y, kept = result
-    if kept:
-        running.warn_non_finite()
-    return y
-
-
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -127,9 +108,12 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
+    act: str = "identity",
+    slope: float = 0.01,
     backend: str | None = None,
 ) -> Tensor:
-    """Batch Normalization of ``input [N, C, *S]`` with statistics per channel.
+    """Batch Normalization of ``input [N, C, *S]`` with statistics per channel, then the
+    activation ``act``.
 
     In training (or without running statistics) it normalizes with the batch's mean and
     biased variance over ``(N, *S)`` and, when given, updates ``running_mean`` /
@@ -140,25 +124,48 @@ def batch_norm(
         input, 2, running_mean, running_var, weight, bias, momentum, eps,
         needs_running=None if training else "training=False",
     )
-    n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
+    act, slope = check_activation(act, slope)
     if training:
         _checks.check_values_per_channel(input)
-    kernels = ops.resolve(input, backend)
-    if training:
-        y = train_step(kernels, input, running_mean, running_var, weight, bias, momentum, eps)
-    else:
-        y = _direct(kernels, "batch_norm_eval", input, running_mean, running_var, weight, bias,
-                    eps)
-    if y is not None:
-        return y
-    x4 = input.reshape(n, channels, 1, spatial)
-    if not training:
-        y4 = kernels.normalize_with_stats(x4, running_mean, running_var, weight, bias, eps=eps)
-        return y4.reshape(input.shape)
-    y4, mean, var = kernels.normalize(x4, weight, bias, per_sample=False, center=True, eps=eps)
-    if running_mean is not None:
-        running.update_running_stats(running_mean, running_var, mean, var, n * spatial, momentum)
-    return y4.reshape(input.shape)
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope,
+        backend,
+    )
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+    act: str = "identity",
+    slope: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
+    p = plan.batch(input, batch_stats, eps, momentum, act, slope)
+    return _run(p, input, weight, bias, running_mean, running_var, backend)
+
+
+def stats_and_output(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Train-mode BatchNorm of ``input [N, C, *S]`` (checked by the caller) returning
+    ``(output, mean, biased var)``, the statistics ``[C]`` in the compute dtype: for the
+    variants that handle the running statistics themselves (ghost, in-place ABN)."""
+    p = plan.batch(input, True, eps)
+    y4, mean, var = ops.pieces(input, backend).normalize(
+        p.x4(input), weight, bias, per_sample=False, center=True, eps=eps
+    )
+    return y4.reshape(input.shape), mean, var
 
 
 def instance_norm(
@@ -183,25 +190,28 @@ def instance_norm(
         needs_running=None if use_input_stats else "use_input_stats=False",
         buffers_any_dtype=True,
     )
-    n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
-    if use_input_stats and spatial == 1:
+    if use_input_stats and math.prod(input.shape[2:]) == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}"
         )
-    x4 = input.reshape(n, channels, 1, spatial)
-    kernels = ops.resolve(input, backend)
-    if not use_input_stats:
-        y4 = kernels.normalize_with_stats(x4, running_mean, running_var, weight, bias, eps=eps)
-        return y4.reshape(input.shape)
-    y4, mean, var = kernels.normalize(x4, weight, bias, per_sample=True, center=True, eps=eps)
-    if running_mean is not None and n > 0:
-        # torch averages each instance's statistics over the batch; the Bessel factor
-        # S / (S - 1) is the same for every instance, so averaging the biased variances
-        # and correcting once is the same thing.
-        running.update_running_stats(
-            running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum
-        )
-    return y4.reshape(input.shape)
+    return _instance_norm(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, backend
+    )
+
+
+def _instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    backend: str | None = None,
+) -> Tensor:
+    p = plan.instance(input, use_input_stats, eps, momentum)
+    return _run(p, input, weight, bias, running_mean, running_var, backend)
 
 
 def _check_group_norm_args(
@@ -233,20 +243,30 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     *,
+    act: str = "identity",
+    slope: float = 0.01,
     backend: str | None = None,
 ) -> Tensor:
     """Group Normalization of ``input [N, C, *S]``: statistics per sample over each group
-    of ``C / num_groups`` channels (and ``*S``). ``num_groups=1`` is LayerNorm over
-    ``(C, *S)``; ``num_groups=C`` is InstanceNorm."""
+    of ``C / num_groups`` channels (and ``*S``), then the activation ``act``.
+    ``num_groups=1`` is LayerNorm over ``(C, *S)``; ``num_groups=C`` is InstanceNorm."""
     _check_group_norm_args(input, num_groups, weight, bias, eps)
-    n, channels, spatial = input.shape[0], input.shape[1], _spatial_size(input)
-    kernels = ops.resolve(input, backend)
-    y = _direct(kernels, "group_norm", input, num_groups, weight, bias, eps)
-    if y is not None:
-        return y
-    x4 = input.reshape(n, num_groups, channels // num_groups, spatial)
-    y4, _, _ = kernels.normalize(x4, weight, bias, per_sample=True, center=True, eps=eps)
-    return y4.reshape(input.shape)
+    act, slope = check_activation(act, slope)
+    return _group_norm(input, num_groups, weight, bias, eps, act, slope, backend)
+
+
+def _group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str = "identity",
+    slope: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
+    p = plan.group(input, num_groups, eps, act, slope)
+    return _run(p, input, weight, bias, None, None, backend)
 
 
 def _check_rows_args(
@@ -259,19 +279,6 @@ def _check_rows_args(
     _checks.check_trailing_shape(input, shape)
     _checks.check_per_shape(weight, "weight", shape, input, any_dtype)
     _checks.check_per_shape(bias, "bias", shape, input, any_dtype)
-
-
-def _rows_view(
-    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    features = math.prod(shape)
-    rows = math.prod(input.shape[: input.dim() - len(shape)])
-    x4 = input.reshape(rows, 1, features, 1)
-    return x4, _flat_or_none(weight, features), _flat_or_none(bias, features)
-
-
-def _flat_or_none(param: Tensor | None, features: int) -> Tensor | None:
-    return None if param is None else param.reshape(features)
 
 
 def _check_layer_norm_args(
@@ -296,17 +303,32 @@ def layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     *,
+    act: str = "identity",
+    slope: float = 0.01,
     backend: str | None = None,
 ) -> Tensor:
-    """Layer Normalization over the trailing ``normalized_shape`` dimensions of ``input``."""
+    """Layer Normalization over the trailing ``normalized_shape`` dimensions of ``input``,
+    then the activation ``act``."""
     shape = _check_layer_norm_args(input, normalized_shape, weight, bias, eps)
-    kernels = ops.resolve(input, backend)
-    y = _direct(kernels, "layer_norm", input, shape, weight, bias, eps)
-    if y is not None:
-        return y
-    x4, weight, bias = _rows_view(input, shape, weight, bias)
-    y4, _, _ = kernels.normalize(x4, weight, bias, per_sample=True, center=True, eps=eps)
-    return y4.reshape(input.shape)
+    act, slope = check_activation(act, slope)
+    return _layer_norm(input, shape, weight, bias, eps, act, slope, backend)
+
+
+def _layer_norm(
+    input: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str = "identity",
+    slope: float = 0.0,
+    backend: str | None = None,
+) -> Tensor:
+    p = plan.layer(input, normalized_shape, eps, act, slope)
+    return _run(p, input, weight, bias, None, None, backend)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def rms_norm(
@@ -322,22 +344,27 @@ def rms_norm(
     the statistics are computed in, as torch's: float32's for float16/bfloat16 input."""
     _checks.check_tensor(input)
     shape = _checks.normalized_shape_tuple(normalized_shape)
-    if eps is None:
-        eps = torch.finfo(ops.torch_ops.compute_dtype(input.dtype)).eps
-    else:
+    if eps is not None:
         eps = _checks.check_eps(eps)
     _check_rows_args(input, shape, weight, None, any_dtype=True)
-    kernels = ops.resolve(input, backend)
-    y = _direct(kernels, "rms_norm", input, shape, weight, eps)
-    if y is not None:
-        return y
-    x4, weight, _ = _rows_view(input, shape, weight, None)
-    y4, _, _ = kernels.normalize(x4, weight, None, per_sample=True, center=False, eps=eps)
-    y = y4.reshape(input.shape)
+    return _rms_norm(input, shape, weight, eps, backend)
+
+
+def _rms_norm(
+    input: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    eps: float | None,
+    backend: str | None = None,
+) -> Tensor:
+    if eps is None:
+        eps = torch.finfo(plan.compute_dtype(input.dtype)).eps
+    p = plan.rms(input, normalized_shape, eps)
+    y = _run(p, input, weight, None, None, None, backend)
     # torch's rms_norm is elementwise past its statistics: its output keeps channels-last.
     layout = _CHANNELS_LAST.get(input.dim())
     if layout is not None and not input.is_contiguous() and input.is_contiguous(
         memory_format=layout
-    ):
+    ) and y.is_contiguous():
         return y.contiguous(memory_format=layout)
     return y

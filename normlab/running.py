@@ -10,13 +10,18 @@ new batch: ``1 / num_batches_tracked`` for a cumulative average.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from normlab import ops
+from normlab.plan import Plan
 
-__all__ = ["bessel", "update_running_stats", "warn_non_finite"]
+__all__ = ["bessel", "record", "update_running_stats", "warn_non_finite"]
+
+# A provider's kernel for the update: (running_mean, running_var, batch_mean, batch_var,
+# correction, momentum) -> channels kept (non-finite), or None where it does not apply.
+UpdateKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, float], "int | None"]
 
 
 def bessel(count: int) -> float:
@@ -35,6 +40,7 @@ def update_running_stats(
     momentum: float,
     *,
     unbiased: bool = False,
+    kernel: UpdateKernel | None = None,
 ) -> None:
     """In place: ``running = (1 - momentum) * running + momentum * batch``.
 
@@ -42,7 +48,8 @@ def update_running_stats(
     the unbiased one); the running variance stores the unbiased one,
     ``var * count / (count - 1)``, as torch does. A channel
     whose batch statistics are NaN/Inf keeps its previous running values (the output
-    still follows torch), so one bad batch under AMP cannot poison the model.
+    still follows torch), so one bad batch under AMP cannot poison the model. A provider
+    may pass its ``kernel`` for the arithmetic (one call instead of a handful of small ops).
     """
     if count == 0:
         return  # an empty batch carries no statistics; torch leaves the buffers as they are
@@ -53,8 +60,7 @@ def update_running_stats(
         # writes through (torch's instance_norm updates its buffers the same way).
         running_mean = torch.ops.aten.alias(running_mean)
         running_var = torch.ops.aten.alias(running_var)
-    kernels = ops.backend("cpu")
-    kept = None if kernels is None else kernels.update_running_stats(
+    kept = None if kernel is None else kernel(
         running_mean, running_var, batch_mean, batch_var, correction, momentum
     )
     if kept is not None:
@@ -86,6 +92,27 @@ def update_running_stats(
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
 
+
+def record(
+    plan: Plan,
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    kernel: UpdateKernel | None = None,
+) -> None:
+    """The running update after a training call of ``plan`` with batch statistics
+    ``[C]`` (BatchNorm) or ``[N, C]`` (InstanceNorm: torch averages each instance's
+    statistics over the batch; the Bessel factor ``S / (S - 1)`` is the same for every
+    instance, so averaging the biased variances and correcting once is the same thing)."""
+    if plan.per_sample:
+        if plan.view[0] == 0:
+            return
+        batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
+    update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, plan.count, plan.momentum,
+        kernel=kernel,
+    )
 
 
 def warn_non_finite() -> None:

@@ -4,11 +4,11 @@ Each subclasses the plain normlab layer, so parameters, buffers and state_dict k
 plain layer's: a ``BatchNorm2d`` checkpoint loads into ``BatchNormAct2d`` and back. ``act``
 is one of ``relu``, ``leaky_relu`` (with ``slope``), ``silu``, ``gelu`` (exact), ``identity``.
 
-On a contiguous float32/float64 CPU tensor with the ``auto`` or ``cpu`` backend and a
+The activation travels in the call's plan (``normlab.functional``'s ``act=``): on a
+contiguous float32/float64 CPU tensor with the ``auto`` or ``cpu`` backend and a
 ``relu``/``leaky_relu`` activation, ``BatchNormAct*d`` (in training), ``GroupNormAct`` and
-``LayerNormAct`` run the fused kernels of :mod:`normlab.ops.fused_act` (one pass forward,
-two per channel or row backward, only the input saved); elsewhere they are the norm on
-the selected backend followed by the activation.
+``LayerNormAct`` run fused kernels (one pass forward, two per channel or row backward,
+only the input saved); elsewhere the norm's provider applies the activation after it.
 """
 
 from __future__ import annotations
@@ -17,20 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from normlab import _checks
+from normlab.functional import check_activation
 from normlab.nn.batchnorm import BatchNormBase
 from normlab.nn.normalization import GroupNorm, LayerNorm
-from normlab.ops import fused_act
-from normlab.ops.fused_act import (
-    act_code,
-    activation,
-    batch_norm_act,
-    check_activation,
-    group_norm_act,
-    layer_norm_act,
-)
 
 __all__ = [
     "BatchNormActBase",
@@ -78,33 +68,6 @@ class BatchNormActBase(_ActMixin, BatchNormBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
 
-    def forward(self, input: Tensor) -> Tensor:
-        if self.training and type(input) is Tensor:
-            # The one-call step straight from forward (BatchNormBase._train_direct), the
-            # activation fused where the kernels have it (as batch_norm_act decides).
-            code = act_code(self.act)
-            fuse = code is not None and input.numel() >= fused_act.FUSED_MIN_NUMEL
-            y = self._train_direct(input, code if fuse else 0, self.slope)
-            if y is not None:
-                return y if fuse else activation(y, self.act, self.slope)
-        self._check_input_dim(input)
-        if not self.training or self._stats_frozen(input) or _checks.one_value_per_channel(input):
-            return activation(super().forward(input), self.act, self.slope)
-        factor = self._average_factor()
-        track = self.track_running_stats
-        return batch_norm_act(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            True,
-            factor,
-            self.eps,
-            act=self.act,
-            slope=self.slope,
-        )
-
 
 class BatchNormAct1d(BatchNormActBase):
     """BatchNorm1d + activation over ``[N, C]`` or ``[N, C, L]`` input."""
@@ -146,12 +109,6 @@ class GroupNormAct(_ActMixin, GroupNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        return group_norm_act(
-            input, self.num_groups, self.weight, self.bias, self.eps,
-            act=self.act, slope=self.slope,
-        )
 
 
 class LayerNormAct(_ActMixin, LayerNorm):
@@ -174,9 +131,3 @@ class LayerNormAct(_ActMixin, LayerNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return layer_norm_act(
-            input, self.normalized_shape, self.weight, self.bias, self.eps,
-            act=self.act, slope=self.slope,
-        )

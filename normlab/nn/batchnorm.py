@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab import _checks, ops
+from normlab import _checks
 from normlab import functional as F
 from normlab.nn.base import NormBase
 
@@ -36,6 +36,9 @@ class BatchNormBase(NormBase):
     _allowed_dims: tuple[int, ...] = ()
     freeze_stats: bool = False
     small_batch: str = "error"
+    # The fused activation (BatchNormAct* set their own).
+    act: str = "identity"
+    slope: float = 0.0
 
     def __init__(
         self,
@@ -80,10 +83,11 @@ class BatchNormBase(NormBase):
             _checks.check_values_per_channel(input)
         # The layer's own tensors too (one reassigned with the wrong shape, device or
         # dtype), worded as the functional API words them: before any state moves.
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _checks.check_vector(
-                getattr(self, name), name, self.num_features, "channels of input (dim 1)", input
-            )
+        _checks.check_vectors(
+            input, self.num_features, "channels of input (dim 1)",
+            weight=self.weight, bias=self.bias, running_mean=self.running_mean,
+            running_var=self.running_var,
+        )
 
     def _average_factor(self) -> float:
         """Counts the batch (in training) and returns the running-average weight of it;
@@ -95,89 +99,23 @@ class BatchNormBase(NormBase):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
-    def _eval_direct(self, input: Tensor) -> Tensor | None:
-        """Eval mode on backend ``auto`` with CPU input: ``torch.batch_norm`` on the
-        running statistics (``normlab.ops.cpu.AUTO.batch_norm_eval``) in as few Python
-        steps as torch's own module, or ``None`` for the general path, which checks the
-        input with its messages. After a step that streamed a large tensor each Python step
-        runs on a cold cache (5-40 us here); the general path's checks and dispatch cost
-        ~10% of a ResNet-shape eval call."""
-        running_mean = self.running_mean
-        auto = ops.auto_cpu(input)
-        if (
-            auto is None
-            or running_mean is None
-            or input.dim() not in self._allowed_dims
-            or input.shape[1] != self.num_features
-        ):
-            return None
-        try:
-            return auto.batch_norm_eval(
-                input, running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
-        except RuntimeError:  # torch's complaint about, say, a reassigned buffer's shape:
-            return None  # the general path names the argument (ValueError)
-
-    def _train_direct(self, input: Tensor, act: int = 0, slope: float = 0.0) -> Tensor | None:
-        """Training on backend ``auto`` with CPU input: the one-call train step
-        (``normlab.ops.cpu.AUTO.batch_norm_train``, with the fused activation ``act``,
-        ``slope``) straight from ``forward``, or ``None`` for the general path. It takes
-        only what needs none of the general path's decisions: the layer's rank and channel
-        count, more than one value per channel, a fixed ``momentum``, statistics not
-        frozen; the parameters and buffers are the layer's own (the step declines any of
-        the wrong shape or dtype). Saves the general path's checks and dispatch,
-        ~0.2 ms a step on cold caches (see ``_eval_direct``)."""
-        auto = ops.auto_cpu(input)
-        if (
-            auto is None
-            or self.freeze_stats
-            or self.momentum is None
-            or input.dim() not in self._allowed_dims
-            or input.shape[1] != self.num_features
-            or input.numel() <= self.num_features  # at most one value per channel
-        ):
-            return None
-        track = self.track_running_stats
-        if track:
-            self.num_batches_tracked.add_(1)  # before the kernel, while caches are warm
-        y = F.train_step(
-            auto, input, self.running_mean if track else None,
-            self.running_var if track else None, self.weight, self.bias, self.momentum,
-            self.eps, act, slope,
-        )
-        if y is None and track:
-            self.num_batches_tracked.sub_(1)  # declined: the general path counts the batch
-        return y
+    def _step(self, input: Tensor) -> tuple[bool, Tensor | None, Tensor | None, float]:
+        """``(batch_stats, running_mean, running_var, momentum)`` of this call, the batch
+        counted where it will be recorded; after :meth:`_check_input_dim`."""
+        if not self.training:
+            return self.running_mean is None, self.running_mean, self.running_var, 0.0
+        if self._stats_frozen(input):
+            return False, self.running_mean, self.running_var, 0.0
+        if not self.track_running_stats or _checks.one_value_per_channel(input):
+            return True, None, None, 0.0  # one value per channel: small_batch="skip_update"
+        return True, self.running_mean, self.running_var, self._average_factor()
 
     def forward(self, input: Tensor) -> Tensor:
-        y = self._train_direct(input) if self.training else self._eval_direct(input)
-        if y is not None:
-            return y
         self._check_input_dim(input)
-        if self._stats_frozen(input):
-            return F.batch_norm(
-                input, self.running_mean, self.running_var, self.weight, self.bias,
-                False, 0.0, self.eps,
-            )
-        if self.training and _checks.one_value_per_channel(input):  # small_batch="skip_update"
-            y4, _, _ = ops.resolve(input).normalize(
-                input.reshape(1, -1, 1, 1), self.weight, self.bias,
-                per_sample=False, center=True, eps=self.eps,
-            )
-            return y4.reshape(input.shape)
-        factor = self._average_factor()
-        # Batch statistics in training, and in eval when there are no running ones.
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
+        batch_stats, running_mean, running_var, momentum = self._step(input)
+        return F._batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum,
+            self.eps, self.act, self.slope,
         )
 
 

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from normlab import _checks
+from normlab import functional as F
 from normlab.nn._script import ScriptableMixin
 from normlab.nn.base import CheckedHyperparameters
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
-from normlab.ops.fused_act import activation as _activation
+from normlab.plan import compute_dtype
 
 __all__ = [
     "FrozenBatchNorm",
@@ -115,7 +116,7 @@ class FrozenBatchNorm(ScriptableMixin, CheckedHyperparameters):
         for name in ("weight", "bias", "running_mean", "running_var"):
             # Any float dtype mixes (the result is the input's), devices do not.
             _checks.check_companion(input, getattr(self, name), name, match_dtype=False)
-        work = torch.float64 if input.dtype == torch.float64 else torch.float32
+        work = compute_dtype(input.dtype)
         scale = self.weight.to(work) * torch.rsqrt(self.running_var.to(work) + self.eps)
         shift = self.bias.to(work) - self.running_mean.to(work) * scale
         shape = (1, -1) + (1,) * (input.dim() - 2)
@@ -123,7 +124,7 @@ class FrozenBatchNorm(ScriptableMixin, CheckedHyperparameters):
         # (-running_mean * scale) can be large against the result, or overflow.
         y = torch.addcmul(shift.reshape(shape), input.to(work), scale.reshape(shape))
         y = y.to(input.dtype)
-        return _activation(y, self.act, self.slope)
+        return F.activation(y, self.act, self.slope)
 
     @classmethod
     def from_batch_norm(cls, bn: nn.Module) -> FrozenBatchNorm:

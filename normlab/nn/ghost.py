@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normlab import _checks, ops
+from normlab import _checks
+from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
 from normlab.running import bessel, update_running_stats
 
@@ -86,14 +87,10 @@ class GhostBatchNormBase(BatchNormBase):
                 f"with virtual_batch_size={vbs} leaves a single sample of shape "
                 f"{tuple(input.shape[1:])}; choose a virtual_batch_size that divides the batch"
             )
-        kernels = ops.resolve(input)
         outputs, means, variances, counts = [], [], [], []
         for chunk in chunks:
-            x4 = chunk.reshape(chunk.shape[0], chunk.shape[1], 1, -1)
-            y4, mean, var = kernels.normalize(
-                x4, self.weight, self.bias, per_sample=False, center=True, eps=self.eps
-            )
-            outputs.append(y4.reshape(chunk.shape))
+            y, mean, var = F.stats_and_output(chunk, self.weight, self.bias, self.eps)
+            outputs.append(y)
             means.append(mean)
             variances.append(var)
             counts.append(chunk.numel() // chunk.shape[1])

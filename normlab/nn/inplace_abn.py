@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
-from normlab import _checks, ops
+from normlab import _checks
+from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
-from normlab.ops.fused_act import activation as _activation
 from normlab.running import update_running_stats
 
 __all__ = ["InPlaceABN", "ABN_ACTIVATIONS"]
@@ -80,18 +80,14 @@ class _InPlaceABNFunction(torch.autograd.Function):
         param: float,
         inplace: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        n, c = x.shape[0], x.shape[1]
-        x4 = x.reshape(n, c, 1, -1)
-        y4, mean, var = ops.resolve(x).normalize(
-            x4, weight, bias, per_sample=False, center=True, eps=eps
-        )
-        z4 = _apply_(y4, name, param)
+        y, mean, var = F.stats_and_output(x, weight, bias, eps)
+        z = _apply_(y, name, param)
         if inplace:
-            x.copy_(z4.reshape(x.shape))
+            x.copy_(z)
             ctx.mark_dirty(x)
             out = x
         else:
-            out = z4.reshape(x.shape)
+            out = z
         ctx.save_for_backward(out, weight, bias, var)
         ctx.eps, ctx.name, ctx.param = eps, name, param
         ctx.mark_non_differentiable(mean, var)
@@ -118,8 +114,8 @@ class _InPlaceABNFunction(torch.autograd.Function):
             dy3 = torch.where(positive, dz3, dz3 * (z3 + ctx.param))
         else:
             y3, dy3 = z3, dz3
-        w = torch.ones(c, dtype=work) if weight is None else weight.to(work)
-        b = torch.zeros(c, dtype=work) if bias is None else bias.to(work)
+        w = z3.new_ones(c) if weight is None else weight.to(work)
+        b = z3.new_zeros(c) if bias is None else bias.to(work)
         xhat = (y3 - b.reshape(shape)) / w.reshape(shape)
         count = z3.shape[0] * z3.shape[2]
         sum_dy = dy3.sum(dim=(0, 2))
@@ -181,7 +177,7 @@ class InPlaceABN(BatchNormBase):
             or _checks.one_value_per_channel(input)
             or input.numel() == 0
         ):
-            return _activation(super().forward(input), self.activation, self.activation_param)
+            return F.activation(super().forward(input), self.activation, self.activation_param)
         if self.weight is not None and bool((self.weight == 0).any()):
             raise ValueError(
                 "InPlaceABN needs weight without zero entries in training (backward divides "

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab import _checks, ops
+from normlab import _checks
 from normlab import functional as F
 from normlab.nn._script import ScriptableMixin
 from normlab.nn.base import CheckedHyperparameters
@@ -22,6 +22,8 @@ class GroupNorm(ScriptableMixin, CheckedHyperparameters):
     """
 
     __constants__ = ["num_groups", "num_channels", "eps", "affine"]
+    act: str = "identity"  # the fused activation (GroupNormAct sets its own)
+    slope: float = 0.01
 
     def __init__(
         self,
@@ -70,18 +72,11 @@ class GroupNorm(ScriptableMixin, CheckedHyperparameters):
             )
 
     def forward(self, input: Tensor) -> Tensor:
-        auto = ops.auto_cpu(input)
-        if auto is not None and input.dim() >= 2 and input.shape[1] == self.num_channels:
-            # auto's torch.group_norm route, past the general path's checks and dispatch
-            # (see BatchNormBase._eval_direct); None where it does not apply.
-            try:
-                y = auto.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-            except RuntimeError:  # e.g. a reassigned parameter: the general path names it
-                y = None
-            if y is not None:
-                return y
         self._check_input(input)
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, act=self.act,
+            slope=self.slope,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -130,6 +125,8 @@ class LayerNorm(_TrailingNorm):
     """
 
     __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+    act: str = "identity"  # the fused activation (LayerNormAct sets its own)
+    slope: float = 0.01
 
     def __init__(
         self,
@@ -144,18 +141,10 @@ class LayerNorm(_TrailingNorm):
         super().__init__(normalized_shape, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        shape = self.normalized_shape
-        auto = ops.auto_cpu(input)
-        if auto is not None and input.shape[input.dim() - len(shape):] == shape:
-            # auto's torch.layer_norm route, past the general path's checks and dispatch
-            # (see BatchNormBase._eval_direct); None where it does not apply.
-            try:
-                y = auto.layer_norm(input, shape, self.weight, self.bias, self.eps)
-            except RuntimeError:  # e.g. a reassigned parameter: the general path names it
-                y = None
-            if y is not None:
-                return y
-        return F.layer_norm(input, shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, act=self.act,
+            slope=self.slope,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normlab import _checks, ops
+from normlab import _checks
+from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
-from normlab.running import update_running_stats
+from normlab.plan import compute_dtype
 
 __all__ = [
     "BatchRenormBase",
@@ -92,13 +93,10 @@ class BatchRenormBase(BatchNormBase):
         ):
             return super().forward(input)
         factor = self._average_factor()
-        n, c = input.shape[0], input.shape[1]
-        x4 = input.reshape(n, c, 1, -1)
-        kernels = ops.resolve(input)
         with torch.no_grad():
+            dims = (0, *range(2, input.dim()))
             var_b, mean_b = torch.var_mean(
-                x4.detach().to(torch.float64 if input.dtype == torch.float64 else torch.float32),
-                dim=(0, 2, 3), correction=0,
+                input.detach().to(compute_dtype(input.dtype)), dim=dims, correction=0
             )
             sigma = torch.sqrt(self.running_var.to(var_b.dtype) + self.eps)
             r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1.0 / self.rmax, self.rmax)
@@ -110,14 +108,10 @@ class BatchRenormBase(BatchNormBase):
         eff_bias = weight * d.to(weight.dtype)
         if self.bias is not None:
             eff_bias = eff_bias + self.bias
-        y4, mean, var = kernels.normalize(
-            x4, eff_weight, eff_bias, per_sample=False, center=True, eps=self.eps
+        return F._batch_norm(
+            input, self.running_mean, self.running_var, eff_weight, eff_bias, True, factor,
+            self.eps,
         )
-        if self.track_running_stats:
-            update_running_stats(
-                self.running_mean, self.running_var, mean, var, input.numel() // c, factor
-            )
-        return y4.reshape(input.shape)
 
 
 class BatchRenorm1d(BatchRenormBase):

@@ -26,7 +26,6 @@ from normlab.nn.act import (
 )
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from normlab.nn.ghost import GhostBatchNormBase
-from normlab.ops.fused_act import activation
 from normlab.running import update_running_stats
 
 __all__ = [
@@ -109,22 +108,19 @@ class SyncBatchNorm(BatchNormBase):
         # after the collective), so all ranks take the same path: no rank waits alone.
         if count == 1:
             if self.small_batch == "running" and self.running_mean is not None:
-                return F.batch_norm(
+                return F._batch_norm(
                     input, self.running_mean, self.running_var, self.weight, self.bias,
-                    False, 0.0, self.eps,
+                    False, 0.0, self.eps, self.act, self.slope,
                 )
             if self.small_batch != "skip_update":
                 D.check_global_count(count, input)
             # skip_update: the batch's own statistics (output = bias), nothing recorded.
-            return D.normalize_synced(
-                input, mean, var, count, self.weight, self.bias, self.eps, group
-            )
-        factor = self._average_factor()
-        if self.track_running_stats:
-            update_running_stats(
-                self.running_mean, self.running_var, mean, var, count, factor
-            )
-        return D.normalize_synced(input, mean, var, count, self.weight, self.bias, self.eps, group)
+        else:
+            factor = self._average_factor()
+            if self.track_running_stats:
+                update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
+        y = D.normalize_synced(input, mean, var, count, self.weight, self.bias, self.eps, group)
+        return F.activation(y, self.act, self.slope)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -163,9 +159,6 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return activation(super().forward(input), self.act, self.slope)
 
 
 # --- conversions ------------------------------------------------------------------------

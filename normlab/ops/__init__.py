@@ -1,64 +1,173 @@
-"""Kernel backends behind one interface, and the choice between them.
+"""Providers behind one interface, and the routing table that picks one per call.
 
-Every backend module exposes the same two functions on the canonical view
-``x4 = [N, G, K, S]`` (see ``normlab.ops.torch_ops`` for the contract):
+A **provider** (an entry of the table) implements :class:`Provider`: ``applies(plan, x,
+weight, bias, running_mean, running_var)`` says whether it runs that call of the plan
+(``normlab.plan``), ``forward(...)`` runs it: the output ``act(xhat * weight + bias)`` in
+``x``'s shape and, in training with running buffers, their update
+(``normlab.running``). Its ``name`` is the backend it belongs to: ``"cpu"`` (normlab's
+numba kernels), ``"native"`` (torch's own kernels, taken by ``"auto"`` only) or
+``"torch"`` (the composite code, last entry of every route).
 
-- ``normalize(x4, weight, bias, *, per_sample, center, eps) -> (y4, mean, var)``
-- ``normalize_with_stats(x4, mean, var, weight, bias, *, eps) -> y4``
+The **routing table** lists, per device type and mode (``"train"``: batch statistics;
+``"eval"``: given ones), the entries fastest first; a call takes the first whose
+``applies`` holds. The backend asked for (``backend=`` of a functional call, else the
+innermost :func:`use_backend`, else the ``NORMLAB_BACKEND`` environment variable, else
+``"auto"``) filters the table: ``"auto"`` keeps every entry, ``"cpu"`` the cpu ones,
+``"torch"`` only the composite one. A device no provider registered for (CUDA today)
+routes to the composite provider.
 
-and a ``supports(x) -> bool`` telling whether it can run on that tensor (the composite
-``torch`` backend runs on everything). A backend may also offer whole-call entry points
-that ``normlab.functional`` tries first, each returning ``None`` where it does not apply:
-``batch_norm_train`` (statistics, output and running update in one call),
-``batch_norm_eval``, ``layer_norm``, ``group_norm``, ``rms_norm`` (see ``normlab.ops.cpu``).
-
-The backend is chosen, first match wins, by: the ``backend=`` argument of a functional
-call, the innermost ``normlab.use_backend(...)`` context, the ``NORMLAB_BACKEND``
-environment variable, then ``"auto"``: the fastest registered backend that supports the
-tensor (a backend may refine "auto" per operation: ``normlab.ops.cpu.AUTO``). A backend
-that does not support a tensor (say, ``"cpu"`` given a CUDA tensor)
-falls back to ``"torch"``, which computes the same result.
+SyncBatchNorm combines statistics across processes between the local reductions and the
+elementwise passes, so it uses :class:`Pieces` instead (:func:`pieces`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import threading
 from collections.abc import Iterator
-from types import ModuleType
+from typing import Protocol
 
-from torch import Tensor, strided
+from torch import Tensor
 
-# Fastest first: "auto" takes the first one that imports and supports the tensor.
-_MODULES = {"cpu": "normlab.ops.cpu", "torch": "normlab.ops.torch_ops"}
-CHOICES = ("auto", *_MODULES)
+from normlab.ops.composite import PROVIDER as COMPOSITE
+from normlab.plan import Plan
+
+CHOICES = ("auto", "cpu", "torch")
 ENV_VAR = "NORMLAB_BACKEND"
 
-_local = threading.local()
-_loaded: dict[str, ModuleType | None] = {}
+
+class Provider(Protocol):
+    """An entry of the routing table (see the module doc)."""
+
+    name: str
+
+    def applies(
+        self,
+        plan: Plan,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+    ) -> bool: ...
+
+    def forward(
+        self,
+        plan: Plan,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+    ) -> Tensor: ...
 
 
-def _load(name: str) -> ModuleType | None:
-    """Import a backend once; a backend whose engine is missing is simply unavailable."""
-    if name not in _loaded:
-        try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
-        except ImportError:
-            _loaded[name] = None
-    return _loaded[name]
+class Pieces(Protocol):
+    """Split-phase BatchNorm on ``x4 [N, C, 1, S]`` (statistics ``[C]`` in the compute
+    dtype), for SyncBatchNorm and the variants that need the statistics themselves."""
+
+    name: str
+
+    def normalize(
+        self, x4: Tensor, weight: Tensor | None, bias: Tensor | None, *, per_sample: bool,
+        center: bool, eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(y4, mean, biased var)`` with the batch's statistics."""
+
+    def normalize_with_stats(
+        self, x4: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+        bias: Tensor | None, *, eps: float,
+    ) -> Tensor:
+        """``y4`` with the given statistics."""
+
+    def moments(self, x4: Tensor, *, per_sample: bool, center: bool) -> tuple[Tensor, Tensor]:
+        """``(mean, biased var)``, not differentiable."""
+
+    def backward_reduce(
+        self, dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(sum dy, sum dy * xhat)`` per channel."""
+
+    def backward_apply(
+        self, dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+        sum_dy: Tensor, sum_dy_xhat: Tensor, count: int,
+    ) -> Tensor:
+        """``dx = w * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``."""
 
 
-def backend(name: str) -> ModuleType | None:
-    """The backend module ``name`` (``"cpu"``, ``"torch"``), or ``None`` if it does not
-    import here."""
-    return _load(name)
+# --- the table --------------------------------------------------------------------------
+
+_ROUTES: dict[tuple[str, str], tuple[Provider, ...]] = {}
+_PIECES: dict[str, Pieces] = {}
+_PROVIDERS: list[str] = []  # backend names with a provider here, besides "torch"
+
+
+def _register_cpu() -> None:
+    try:
+        from normlab.ops import cpu
+    except ImportError:  # numba missing: everything runs on the composite provider
+        return
+    for mode, entries in cpu.ROUTES.items():
+        _ROUTES["cpu", mode] = entries
+    _PIECES["cpu"] = cpu.PIECES
+    _PROVIDERS.append(cpu.NAME)
+
+
+_register_cpu()
+_FILTERED: dict[tuple[str, str, str], tuple[Provider, ...]] = {}
+
+
+def routes(device_type: str, mode: str, backend: str = "auto") -> tuple[Provider, ...]:
+    """The entries a call on ``device_type`` in ``mode`` (``"train"``, ``"eval"``) tries
+    under ``backend``, in order; the composite provider last."""
+    key = (device_type, mode, backend)
+    found = _FILTERED.get(key)
+    if found is None:
+        entries = _ROUTES.get((device_type, mode), ())
+        if backend != "auto":
+            entries = tuple(e for e in entries if e.name == backend)
+        found = _FILTERED[key] = (*entries, COMPOSITE)
+    return found
+
+
+def route(
+    plan: Plan,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    backend: str | None = None,
+) -> Provider:
+    """The provider that runs ``plan`` on these tensors: the first entry that applies."""
+    name = requested() if backend is None else _check_choice(backend, "backend")
+    mode = "train" if plan.batch_stats else "eval"
+    for entry in routes(x.device.type, mode, name):
+        if entry.applies(plan, x, weight, bias, running_mean, running_var):
+            return entry
+    raise AssertionError("the composite provider applies to every call")  # pragma: no cover
+
+
+def pieces(x: Tensor, backend: str | None = None) -> Pieces:
+    """The split-phase pieces for ``x`` under ``backend`` (composite where no provider
+    of that backend supports ``x``)."""
+    name = requested() if backend is None else _check_choice(backend, "backend")
+    if name != "torch":
+        found = _PIECES.get(x.device.type)
+        if found is not None and found.supports(x):
+            return found
+    return COMPOSITE
 
 
 def available() -> list[str]:
-    """Names of the backends that import on this machine."""
-    return [name for name in _MODULES if _load(name) is not None]
+    """Names of the backends that run on this machine (``"torch"`` always)."""
+    return [*_PROVIDERS, "torch"]
+
+
+# --- the backend asked for ----------------------------------------------------------------
+
+_local = threading.local()
 
 
 def _check_choice(name: str, source: str) -> str:
@@ -67,22 +176,15 @@ def _check_choice(name: str, source: str) -> str:
     return name
 
 
-# os.environ's own store, which its writes keep current: asking it whether ENV_VAR is set
-# is one dict lookup, where os.environ.get encodes, looks up and decodes. Every normlab
-# call asks, and on a cold cache (after a kernel streamed a large tensor) that lookup cost
-# 30-40 us here, a few percent of a ResNet-shape eval call.
-_ENV_STORE = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
-
-
 def requested() -> str:
     """The backend asked for by context manager or environment (``"auto"`` if none)."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    if _ENV_STORE is not None and _ENV_KEY not in _ENV_STORE:
+    env = os.environ.get(ENV_VAR)
+    if not env:
         return "auto"
-    env = os.environ.get(ENV_VAR, "").strip().lower()
+    env = env.strip().lower()
     return _check_choice(env, f"environment variable {ENV_VAR}") if env else "auto"
 
 
@@ -96,31 +198,3 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         stack.pop()
-
-
-def resolve(x: Tensor, backend: str | None = None) -> ModuleType:
-    """The backend module that will normalize ``x``."""
-    name = _check_choice(backend, "backend") if backend is not None else requested()
-    candidates = _MODULES if name == "auto" else (name, "torch")
-    for candidate in candidates:
-        module = _load(candidate)
-        if module is not None and module.supports(x):
-            # A backend may refine "auto" per operation (normlab.ops.cpu.AUTO).
-            return getattr(module, "AUTO", module) if name == "auto" else module
-    raise RuntimeError("the composite torch backend failed to import")  # pragma: no cover
-
-
-def auto_cpu(x: Tensor) -> ModuleType | None:
-    """``normlab.ops.cpu.AUTO`` where ``x`` resolves to it with no ``backend=`` argument
-    (backend ``auto`` requested, a strided CPU tensor, the cpu backend importable), else
-    ``None``: the layers' shortcut to its whole-call entry points, in fewer Python steps
-    than :func:`resolve` (each costs 5-40 us on a cold cache; see docs/backends.md)."""
-    if type(x) is not Tensor or not x.is_cpu or x.layout != strided or requested() != "auto":
-        return None
-    module = _load("cpu")
-    return None if module is None else module.AUTO
-
-
-# Import the backends with the package: a first import from inside torch.compile's tracing
-# would be a graph break (fullgraph=True raises on it).
-available()

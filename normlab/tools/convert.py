@@ -209,7 +209,7 @@ def _groupnorm_rule(m: nn.Module) -> str | None:
     variants) and subclasses computing the same; normlab's BatchNorm+activation layers
     become GroupNormAct. Frozen BatchNorm is kept (its statistics are constants)."""
     import normlab.nn as nlnn
-    from normlab.ops.fused_act import ACTIVATIONS
+    from normlab.plan import ACTIVATIONS
 
     if is_frozen_batchnorm(m):
         return "frozen BatchNorm is kept"

@@ -22,7 +22,7 @@ from torch import nn
 
 import normlab
 from normlab import ops, reference
-from normlab.ops import torch_ops
+from normlab.ops import composite
 
 cpu = pytest.importorskip("normlab.ops.cpu", reason="numba is not installed")
 
@@ -126,7 +126,7 @@ def test_train_forward_backward_match_composite(view: View, dtype: torch.dtype) 
     w, b = _params(view, dtype)
     dy = view.make(dtype, seed=2)
     got = _train(cpu, view, x, w, b, dy)
-    want = _train(torch_ops, view, x, w, b, dy)
+    want = _train(composite, view, x, w, b, dy)
     for actual, expected in zip(got, want, strict=True):
         _close(actual, expected, dtype)
     # The output keeps the input's memory layout (channels-last stays channels-last).
@@ -143,7 +143,7 @@ def test_eval_forward_backward_match_composite(view: View, dtype: torch.dtype) -
     var = torch.linspace(0.5, 2, groups, dtype=dtype)
     dy = view.make(dtype, seed=2)
     results = []
-    for module in (cpu, torch_ops):
+    for module in (cpu, composite):
         xl, wl, bl = _leaves(x, w, b)
         y = module.normalize_with_stats(xl, mean, var, wl, bl, eps=1e-5)
         y.backward(dy)
@@ -156,7 +156,7 @@ def test_eval_gradient_of_the_statistics_uses_composite_code() -> None:
     x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
     stats = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
     grads = []
-    for module in (cpu, torch_ops):
+    for module in (cpu, composite):
         mean, var = _leaves(*stats)
         module.normalize_with_stats(x, mean, var, None, None, eps=1e-5).square().sum().backward()
         grads.append((mean.grad, var.grad))
@@ -170,7 +170,7 @@ def test_split_phase_pieces_match_composite(view: View) -> None:
     dtype = torch.float64
     x = view.make(dtype)
     got = cpu.moments(x, per_sample=view.per_sample, center=view.center)
-    want = torch_ops.moments(x, per_sample=view.per_sample, center=view.center)
+    want = composite.moments(x, per_sample=view.per_sample, center=view.center)
     for actual, expected in zip(got, want, strict=True):
         _close(actual, expected, dtype)
     if view.per_sample or x.numel() == 0:
@@ -180,12 +180,12 @@ def test_split_phase_pieces_match_composite(view: View) -> None:
     dy = view.make(dtype, seed=2)
     w = _params(view, dtype)[0]
     sums = cpu.backward_reduce(dy, x, mean, rstd)
-    for actual, expected in zip(sums, torch_ops.backward_reduce(dy, x, mean, rstd), strict=True):
+    for actual, expected in zip(sums, composite.backward_reduce(dy, x, mean, rstd), strict=True):
         _close(actual, expected, dtype)
     count = x.numel() // x.shape[1]
     _close(
         cpu.backward_apply(dy, x, mean, rstd, w, *sums, count),
-        torch_ops.backward_apply(dy, x, mean, rstd, w, *sums, count),
+        composite.backward_apply(dy, x, mean, rstd, w, *sums, count),
         dtype,
     )
 
@@ -232,7 +232,7 @@ def test_non_cpu_tensors_are_not_supported() -> None:
     meta = torch.empty(2, 3, device="meta")
     assert not cpu.supports(meta)
     assert not cpu.supports(torch.zeros(3, dtype=torch.int64))
-    assert ops.resolve(meta, "cpu") is torch_ops
+    assert ops.resolve(meta, "cpu") is composite
     assert ops.resolve(torch.zeros(2, 3), "auto") is cpu.AUTO
 
 
@@ -577,9 +577,9 @@ def test_threads_follow_torch() -> None:
 def test_backend_selection_argument_context_and_default() -> None:
     x = torch.randn(4, 6)
     assert ops.resolve(x) is cpu.AUTO
-    assert ops.resolve(x, "torch") is torch_ops
+    assert ops.resolve(x, "torch") is composite
     with normlab.use_backend("torch"):
-        assert ops.resolve(x) is torch_ops
+        assert ops.resolve(x) is composite
         assert ops.resolve(x, "cpu") is cpu
     y_cpu = normlab.functional.layer_norm(x, (6,), backend="cpu")
     y_torch = normlab.functional.layer_norm(x, (6,), backend="torch")
@@ -588,7 +588,7 @@ def test_backend_selection_argument_context_and_default() -> None:
 
 def test_backend_selection_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ops.ENV_VAR, "torch")
-    assert ops.resolve(torch.randn(3)) is torch_ops
+    assert ops.resolve(torch.randn(3)) is composite
     monkeypatch.setenv(ops.ENV_VAR, " CPU ")
     assert ops.resolve(torch.randn(3)) is cpu
     monkeypatch.delenv(ops.ENV_VAR)  # read on every call, not once

@@ -1,30 +1,68 @@
-"""Composite backend: plain differentiable torch code.
+"""The composite provider (backend ``"torch"``): plain differentiable torch code.
 
-Runs on any device and dtype, and autograd differentiates it to any order, so it is
-also what the fast backends fall back to for double backward and non-CPU tensors.
+Runs on any device and dtype, and autograd differentiates it to any order, so it is the
+last entry of every route, the oracle the kernels are tested against and what they fall
+back to for double backward.
 
-Every backend works on the canonical view ``x4 = [N, G, K, S]`` of the input (see
-``normlab.functional``): the affine parameters are ``[G*K]``, broadcast as
-``(1, G, K, 1)``; statistics are per ``G`` (reduced over ``N, K, S``) or, with
-``per_sample=True``, per ``(N, G)`` (reduced over ``K, S``).
+The functions work on the view ``x4 = [N, G, K, S]`` of a plan (``normlab.plan``): the
+affine parameters are ``[G*K]``, broadcast as ``(1, G, K, 1)``; statistics are per ``G``
+(reduced over ``N, K, S``) or, with ``per_sample=True``, per ``(N, G)`` (over ``K, S``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as TF
+
+from normlab import running
+from normlab.plan import Plan, compute_dtype
 
 NAME = "torch"
 
 
-def supports(x: Tensor) -> bool:
-    """Composite torch code runs on every device and floating dtype."""
-    return True
+def activation(x: Tensor, act: str, slope: float) -> Tensor:
+    """``act(x)`` with torch's definitions (gelu the exact, erf-based one); ``slope`` is
+    leaky_relu's negative slope or elu's alpha. The one table of the fused layers'
+    activations (TorchScript compiles it too: builtin annotations, no f-string)."""
+    if act == "relu":
+        return torch.relu(x)
+    if act == "leaky_relu":
+        return TF.leaky_relu(x, slope)
+    if act == "silu":
+        return TF.silu(x)
+    if act == "gelu":
+        return TF.gelu(x)
+    if act == "elu":
+        return TF.elu(x, slope)
+    if act == "identity":
+        return x
+    raise ValueError("act must be one of relu, leaky_relu, silu, gelu, elu, identity, got " + act)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are accumulated in at least float32 (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def run(
+    plan: Plan,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    train: object,
+    given: object,
+    update: running.UpdateKernel | None = None,
+) -> Tensor:
+    """A plan on the ``x4`` view with a provider's ``train`` (``normalize``) and ``given``
+    (``normalize_with_stats``) functions: output, running update, activation."""
+    x4, weight, bias = plan.x4(x), plan.flat(weight), plan.flat(bias)
+    if plan.batch_stats:
+        y4, mean, var = train(
+            x4, weight, bias, per_sample=plan.per_sample, center=plan.center, eps=plan.eps
+        )
+        if running_mean is not None:
+            running.record(plan, running_mean, running_var, mean, var, update)
+    else:
+        y4 = given(x4, running_mean, running_var, weight, bias, eps=plan.eps)
+    return activation(y4.reshape(x.shape), plan.act, plan.slope)
 
 
 def _reduce_dims(per_sample: bool) -> tuple[int, ...]:
@@ -146,3 +184,35 @@ def backward_apply(
     dx = dy4.to(work) - _broadcast_stats(sum_dy / count, False)
     dx = dx - xhat * _broadcast_stats(sum_dy_xhat / count, False)
     return (dx * _broadcast_stats(scale, False)).to(x4.dtype)
+
+
+class Composite:
+    """The provider every route ends with: applies to every plan and tensor; also
+    SyncBatchNorm's split-phase pieces on any device."""
+
+    name = NAME
+
+    @staticmethod
+    def applies(plan: Plan, *tensors: Tensor | None) -> bool:
+        return True
+
+    @staticmethod
+    def forward(
+        plan: Plan,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+    ) -> Tensor:
+        return run(plan, x, weight, bias, running_mean, running_var, normalize,
+                   normalize_with_stats)
+
+    normalize = staticmethod(normalize)
+    normalize_with_stats = staticmethod(normalize_with_stats)
+    moments = staticmethod(moments)
+    backward_reduce = staticmethod(backward_reduce)
+    backward_apply = staticmethod(backward_apply)
+
+
+PROVIDER = Composite()

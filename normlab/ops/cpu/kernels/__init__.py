@@ -1,0 +1,26 @@
+"""The numba kernels of the CPU provider (``common`` says how they compute): imported by
+``normlab.ops.cpu.runtime`` after it placed their disk cache, and compiled per function
+and dtype at first use."""
+
+from normlab.ops.cpu.kernels.channels import (
+    channel_cols_backward,
+    channel_cols_forward,
+    channel_rows_backward,
+    channel_rows_forward,
+)
+from normlab.ops.cpu.kernels.common import ACT_CODES, running_update
+from normlab.ops.cpu.kernels.planes import planes_backward, planes_forward
+from normlab.ops.cpu.kernels.rows import rows_backward, rows_forward
+
+__all__ = [
+    "ACT_CODES",
+    "channel_cols_backward",
+    "channel_cols_forward",
+    "channel_rows_backward",
+    "channel_rows_forward",
+    "planes_backward",
+    "planes_forward",
+    "rows_backward",
+    "rows_forward",
+    "running_update",
+]
