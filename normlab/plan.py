@@ -61,7 +61,7 @@ class Plan(NamedTuple):
     trailing: tuple[int, ...] = ()
 
     @property
-    def count(self) -> int:
+    def values(self) -> int:
         """Values behind each statistic: ``K*S`` per sample, ``N*K*S`` per channel."""
         n, _, k, s = self.view
         return k * s if self.per_sample else n * k * s
@@ -78,7 +78,7 @@ class Plan(NamedTuple):
 
     def flat(self, param: Tensor | None) -> Tensor | None:
         """An affine parameter as ``[G*K]``."""
-        return None if param is None or param.dim() == 1 else param.reshape(self.features)
+        return param if param is None or param.dim() == 1 else param.reshape(self.features)
 
 
 def _spatial(x: Tensor) -> int:

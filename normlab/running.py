@@ -110,7 +110,7 @@ def record(
             return
         batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
     update_running_stats(
-        running_mean, running_var, batch_mean, batch_var, plan.count, plan.momentum,
+        running_mean, running_var, batch_mean, batch_var, plan.values, plan.momentum,
         kernel=kernel,
     )
 

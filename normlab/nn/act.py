@@ -33,8 +33,10 @@ __all__ = [
 
 
 class _ActMixin:
-    act: str
-    slope: float
+    # Defined here, not only per instance: a layer class that sets its own activation
+    # computes something else than its plain norm (normlab.nn._script.computes_like).
+    act: str = "relu"
+    slope: float = 0.01
 
     def _set_act(self, act: str, slope: float) -> None:
         self.act, self.slope = check_activation(act, slope)

@@ -116,10 +116,10 @@ def fused_activation(module: nn.Module) -> nn.Module | None:
     (``drop`` then ``act`` submodules). Raises ValueError for an activation it cannot
     rebuild (the caller must then leave the layer alone).
     """
-    act = getattr(module, "act", None)
-    param = getattr(module, "slope", 0.01)
-    if act is None and isinstance(getattr(module, "activation", None), str):
+    if isinstance(getattr(module, "activation", None), str):  # InPlaceABN
         act, param = module.activation, getattr(module, "activation_param", 0.01)
+    else:
+        act, param = getattr(module, "act", None), getattr(module, "slope", 0.01)
     if isinstance(act, str):
         if act not in _ACTIVATIONS:
             raise ValueError(f"unknown fused activation {act!r} of {type(module).__name__}")

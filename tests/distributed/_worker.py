@@ -312,7 +312,7 @@ def run_global_batch_rules(rank: int, world: int, out: dict[str, list[float]]) -
 def equivalence(rank: int, world: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     # The kernels serving the local part (NORMLAB_BACKEND, set per group by the test).
-    out[f"backend/{ops.resolve(torch.empty(2, 2)).NAME}"] = [0, 0]
+    out[f"backend/{ops.pieces(torch.empty(2, 2)).name}"] = [0, 0]
     for index, case in enumerate(CASES):
         run_case(index, case, rank, world, out)
     run_ddp(rank, world, out)

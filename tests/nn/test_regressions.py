@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev
 
 import normlab
 from normlab import ops
-from normlab.ops import cpu
+from normlab.ops.cpu import layouts
 
 BACKENDS = ops.CHOICES  # "auto", "cpu", "torch"
 
@@ -221,14 +221,14 @@ def test_layer_norm_of_one_element_has_zero_input_gradient(affine: bool, backend
 def test_constants_for_absent_parameters_are_not_kept_for_wide_rows() -> None:
     """A LayerNorm without affine parameters on wide rows once left full-size ones/zeros
     vectors in a cache for good (128 MB after one LayerNorm(2**24) call)."""
-    cpu._cached_constant.cache_clear()
-    cpu._cached_constant_np.cache_clear()
-    features = 2 * cpu._CACHED_CONSTANT_MAX
+    layouts._cached_constant.cache_clear()
+    layouts._cached_constant_np.cache_clear()
+    features = 2 * layouts._CACHED_CONSTANT_MAX
     x = torch.randn(2, features, requires_grad=True)
     with normlab.use_backend("cpu"):
         normlab.LayerNorm(features, elementwise_affine=False)(x).sum().backward()
         normlab.LayerNorm(16, elementwise_affine=False)(torch.randn(2, 16))
-    caches = (cpu._cached_constant, cpu._cached_constant_np)
+    caches = (layouts._cached_constant, layouts._cached_constant_np)
     held = sum(cache.cache_info().currsize for cache in caches)
     assert 0 < held <= 4  # the small call's constants are cached, the wide call's are not
 
