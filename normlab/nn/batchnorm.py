@@ -81,6 +81,8 @@ class BatchNormBase(NormBase):
             )
         if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
             _checks.check_values_per_channel(input)
+        elif not self.training and self.running_mean is None:  # batch statistics in eval
+            _checks.check_values_per_channel(input)
         # The layer's own tensors too (one reassigned with the wrong shape, device or
         # dtype), worded as the functional API words them: before any state moves.
         _checks.check_vectors(

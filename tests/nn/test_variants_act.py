@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 import normlab
+import normlab.ops.cpu.steps as steps
+from normlab import functional as NF
+from normlab import plan as P
 from normlab import reference as ref
 from normlab import reference_variants as rv
 from normlab.nn.act import (
@@ -25,7 +28,8 @@ from normlab.nn.act import (
 from normlab.nn.batchnorm import BatchNorm2d
 from normlab.nn.inplace_abn import InPlaceABN
 from normlab.nn.normalization import GroupNorm, LayerNorm
-from normlab.ops import fused_act
+from normlab.ops.composite import Composite
+from normlab.ops.cpu import ACT_CODES
 
 F64 = torch.float64
 
@@ -33,10 +37,43 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _fuse_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tests' tensors are small: take the fused path for them anyway."""
-    monkeypatch.setattr(fused_act, "FUSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(steps, "FUSED_MIN_NUMEL", 0)
+
+
+@pytest.fixture
+def kernel_acts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The activation codes the one-call steps' kernels are called with (BatchNorm train
+    step and per-row step, with and without autograd), in call order."""
+    calls: list[int] = []
+
+    def spy(original, act_index: int):  # noqa: ANN001, ANN202
+        def wrapped(*args):  # noqa: ANN002, ANN202
+            calls.append(args[act_index])
+            return original(*args)
+        return wrapped
+
+    # (ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, ...)
+    train = spy(steps._train_forward, 8)
+    # (ctx, x, weight, bias, rows, groups, features, eps, center, act, slope)
+    rows = spy(steps._rows_forward, 9)
+    monkeypatch.setattr(steps, "_train_forward", train)
+    monkeypatch.setattr(steps, "_rows_forward", rows)
+    # autograd's StepFunction calls the kernels' holders, bound at import
+    monkeypatch.setattr(steps._BatchKernels, "forward", staticmethod(train))
+    monkeypatch.setattr(steps._RowsKernels, "forward", staticmethod(rows))
+    return calls
 
 
 ACTS = [("relu", 0.01), ("leaky_relu", 0.2), ("silu", 0.01), ("gelu", 0.01), ("identity", 0.01)]
+FUSED_ACTS = ("relu", "leaky_relu")  # the activations the CPU kernels fuse
+
+
+def _fused(provider: object, p: P.Plan, x: torch.Tensor) -> bool:
+    """Whether the routed ``provider`` runs ``p`` on ``x`` with the activation fused into
+    the kernels (a one-call step with a non-zero activation code)."""
+    return isinstance(provider, (steps.BatchStep, steps.RowsStep)) and steps.fused_code(
+        p, x
+    ) in (1, 2)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -69,15 +106,27 @@ BN_ACT_CASES = [
 @pytest.mark.parametrize("act,slope", ACTS)
 @pytest.mark.parametrize("cls,shape", BN_ACT_CASES)
 @pytest.mark.parametrize("path", ["torch", "cpu"])
-def test_batch_norm_act_matches_reference(path, cls, shape, act, slope) -> None:
+def test_batch_norm_act_matches_reference(path, cls, shape, act, slope, kernel_acts) -> None:
+    """Fused (cpu; relu and leaky_relu: the train step's kernel) or composite: the same
+    float64 reference values, gradients and running statistics."""
     layer = cls(shape[1], dtype=F64, act=act, slope=slope)
     _params(layer)
     x = (torch.randn(shape, dtype=F64) * 1.5 + 0.5).requires_grad_()
     dy = torch.randn(shape, dtype=F64)
+    p = P.batch(x, batch_stats=True, eps=layer.eps, momentum=0.1, act=act, slope=slope)
+    provider = normlab.ops.route(p, x, layer.weight, layer.bias, layer.running_mean,
+                                 layer.running_var, path)
+    assert provider.name == path
+    assert isinstance(provider, Composite) == (path == "torch")
+    assert _fused(provider, p, x) == (path == "cpu" and act in FUSED_ACTS)
+    if path == "cpu" and act in FUSED_ACTS:
+        assert isinstance(provider, steps.BatchStep)
     with normlab.use_backend(path):
-        assert fused_act.fused_supported(x) == (path == "cpu")
         y = layer(x)
         y.backward(dy)
+    # the train step's kernel ran (with the activation fused) exactly where routed so
+    step = isinstance(provider, steps.BatchStep)
+    assert kernel_acts == ([ACT_CODES[act]] if _fused(provider, p, x) else [0] if step else [])
     w, b = _np(layer.weight), _np(layer.bias)
     pre = ref.batch_norm_forward(_np(x), w, b, layer.eps)
     _close(y, rv.activation_forward(pre, act, slope), 1e-10)
@@ -99,7 +148,7 @@ def test_batch_norm_act_matches_reference(path, cls, shape, act, slope) -> None:
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("act,slope", [("relu", 0.0), ("leaky_relu", 0.1), ("gelu", 0.0)])
-def test_fused_float32_matches_torch_eager(act, slope, affine) -> None:
+def test_fused_float32_matches_torch_eager(act, slope, affine, kernel_acts) -> None:
     """float32 fused kernels vs torch.nn.BatchNorm2d followed by the torch activation,
     with a large common mean (the statistics must not cancel catastrophically)."""
     layer = BatchNormAct2d(6, act=act, slope=slope, affine=affine, momentum=None)
@@ -113,7 +162,13 @@ def test_fused_float32_matches_torch_eager(act, slope, affine) -> None:
     with normlab.use_backend("cpu"):
         y = layer(x)
     y.backward(dy)
-    y_eager = fused_act.activation(eager(x_eager), act, slope)
+    # relu/leaky_relu fused into the train step's kernel; gelu applied by torch after
+    # the normalization (whichever cpu entry ran it)
+    if act in FUSED_ACTS:
+        assert kernel_acts == [ACT_CODES[act]]
+    else:
+        assert all(code == 0 for code in kernel_acts)
+    y_eager = NF.activation(eager(x_eager), act, slope)
     y_eager.backward(dy)
     torch.testing.assert_close(y, y_eager, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(x.grad, x_eager.grad, atol=5e-4, rtol=1e-3)
@@ -143,25 +198,31 @@ def _row_act_layer(norm: str, arg, shape, act: str, slope: float) -> nn.Module: 
 @pytest.mark.parametrize("norm,shape,arg", ROW_ACT_CASES)
 @pytest.mark.parametrize("path", ["torch", "cpu"])
 def test_group_and_layer_norm_act_match_reference(
-    path, norm, shape, arg, act, slope, monkeypatch
+    path, norm, shape, arg, act, slope, kernel_acts
 ) -> None:
     """Fused (cpu; relu and leaky_relu) or composite: the same float64 reference values and
-    gradients; the kernels take the activation exactly where fused_supported says."""
+    gradients; the kernels take the activation exactly where the route says."""
     layer = _row_act_layer(norm, arg, shape, act, slope)
     _params(layer)
     x = (torch.randn(shape, dtype=F64) * 1.5 + 0.5).requires_grad_()
     dy = torch.randn(shape, dtype=F64)
-    fused = []
-    rows_norm = fused_act.cpu.rows_norm
-    monkeypatch.setattr(fused_act.cpu, "rows_norm",  # records the activation code
-                        lambda *a: fused.append(a[8] if len(a) > 8 else 0) or rows_norm(*a))
+    if norm == "group":
+        p = P.group(x, arg, layer.eps, act, slope)
+    else:
+        p = P.layer(x, (arg,) if isinstance(arg, int) else tuple(arg), layer.eps, act, slope)
+    provider = normlab.ops.route(p, x, layer.weight, layer.bias, None, None, path)
+    if path == "cpu":  # one rows step: the fused entry for relu/leaky_relu, else the plain one
+        assert isinstance(provider, steps.RowsStep)
+        assert provider.fused_only == (act in FUSED_ACTS)
+        assert steps.fused_code(p, x) == ACT_CODES.get(act)
+    else:
+        assert isinstance(provider, Composite)
+    assert _fused(provider, p, x) == (path == "cpu" and act in FUSED_ACTS)
     with normlab.use_backend(path):
-        assert fused_act.fused_supported(x, act=act) == (path == "cpu" and act in
-                                                         ("relu", "leaky_relu", "identity"))
         y = layer(x)
         y.backward(dy)
     # backend cpu: one rows step, with the activation fused or (silu, gelu) after it
-    assert fused == ([fused_act.cpu.ACT_CODES.get(act, 0)] if path == "cpu" else [])
+    assert kernel_acts == ([ACT_CODES.get(act, 0)] if path == "cpu" else [])
     w, b = _np(layer.weight), _np(layer.bias)
     if norm == "group":
         pre = ref.group_norm_forward(_np(x), arg, w, b, layer.eps)
@@ -180,7 +241,7 @@ def test_group_and_layer_norm_act_match_reference(
 
 @pytest.mark.parametrize("act,slope", [("relu", 0.0), ("leaky_relu", 0.1)])
 @pytest.mark.parametrize("norm", ["group", "layer"])
-def test_fused_rows_float32_as_accurate_as_torch(norm, act, slope) -> None:
+def test_fused_rows_float32_as_accurate_as_torch(norm, act, slope, kernel_acts) -> None:
     """float32 fused GroupNormAct/LayerNormAct and torch's float32 norm then activation,
     both against torch in float64, on input with a large common mean (x - mean must not
     cancel): the fused errors are at most twice torch's own."""
@@ -198,9 +259,10 @@ def test_fused_rows_float32_as_accurate_as_torch(norm, act, slope) -> None:
     for module, dtype in ((layer, torch.float32), (eager, torch.float32), (exact, F64)):
         x_ = x.to(dtype).requires_grad_()
         with normlab.use_backend("cpu"):
-            y = fused_act.activation(module(x_), act, slope) if module is not layer else module(x_)
+            y = NF.activation(module(x_), act, slope) if module is not layer else module(x_)
         grads = torch.autograd.grad(y, (x_, *module.parameters()), dy.to(dtype))
         results.append([t.double() for t in (y, *grads)])
+    assert kernel_acts == [ACT_CODES[act]]  # the layer ran the fused rows kernel, once
     ours, theirs, reference = results
     for o, t, r in zip(ours, theirs, reference, strict=True):
         assert (o - r).abs().max() <= 2 * (t - r).abs().max() + 1e-6
@@ -223,7 +285,7 @@ def test_norm_act_state_dict_and_composite(backend, act_layer, plain_layer, shap
     torch.nn.Module.train(plain, False), layer.train(False)
     x = torch.randn(shape, dtype=F64, requires_grad=True)
     y = layer(x)
-    expected = fused_act.activation(plain(x), layer.act, layer.slope)
+    expected = NF.activation(plain(x), layer.act, layer.slope)
     torch.testing.assert_close(y, expected)
     if isinstance(layer, GroupNormAct):
         w, b = _np(layer.weight), _np(layer.bias)
@@ -236,13 +298,49 @@ def test_norm_act_state_dict_and_composite(backend, act_layer, plain_layer, shap
     assert "act=" in repr(layer)
 
 
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("norm", ["batch", "group", "layer"])
+def test_functional_act_fused_matches_composite(norm, act, slope, kernel_acts) -> None:
+    """normlab.functional's norms with ``act=``: backend cpu (fused for relu/leaky_relu)
+    gives the composite's (backend torch) output and gradients."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 3, 5, generator=g, dtype=F64)
+    w, b = torch.rand(6, generator=g, dtype=F64) + 0.5, torch.randn(6, generator=g, dtype=F64)
+    dy = torch.randn(x.shape, generator=g, dtype=F64)
+    if norm == "layer":
+        w, b = w.repeat(5)[:15].reshape(3, 5), b.repeat(5)[:15].reshape(3, 5)
+    results = {}
+    for backend in ("torch", "cpu"):
+        kernel_acts.clear()
+        x_, w_, b_ = (t.clone().requires_grad_() for t in (x, w, b))
+        if norm == "batch":
+            y = NF.batch_norm(x_, torch.zeros(6, dtype=F64), torch.ones(6, dtype=F64), w_, b_,
+                              True, act=act, slope=slope, backend=backend)
+        elif norm == "group":
+            y = NF.group_norm(x_, 3, w_, b_, act=act, slope=slope, backend=backend)
+        else:
+            y = NF.layer_norm(x_, (3, 5), w_, b_, act=act, slope=slope, backend=backend)
+        results[backend] = (y, *torch.autograd.grad(y, (x_, w_, b_), dy))
+        fused = [code for code in kernel_acts if code]
+        assert fused == ([ACT_CODES[act]] if backend == "cpu" and act in FUSED_ACTS else [])
+    for ours, composite in zip(results["cpu"], results["torch"], strict=True):
+        torch.testing.assert_close(ours, composite, atol=1e-10, rtol=1e-10)
+
+
 def test_act_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="act must be one of"):
         BatchNormAct2d(3, act="tanh")
     with pytest.raises(TypeError, match="slope"):
         GroupNormAct(1, 3, act="leaky_relu", slope="0.1")
     with pytest.raises(ValueError, match="weight must have shape"):
-        fused_act.batch_norm_act(torch.randn(4, 3), None, None, torch.ones(2), None, True)
+        NF.batch_norm(torch.randn(4, 3), None, None, torch.ones(2), None, True, act="relu")
+    with pytest.raises(ValueError, match="act must be one of"):
+        NF.check_activation("tanh")
+    with pytest.raises(ValueError, match="act must be one of"):
+        NF.group_norm(torch.randn(2, 4), 2, act="tanh")
+    with pytest.raises(TypeError, match="slope"):
+        NF.layer_norm(torch.randn(2, 4), (4,), act="leaky_relu", slope=None)
+    assert set(P.ACTIVATIONS) == {"relu", "leaky_relu", "silu", "gelu", "identity"}
 
 
 # --------------------------------------------------------------------------------------------

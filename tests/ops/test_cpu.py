@@ -1,4 +1,5 @@
-"""The numba CPU backend against the composite torch backend, op by op.
+"""The CPU provider's implementations of the ops (``normlab.ops._library`` on CPU tensors)
+against the composite provider, op by op.
 
 One table of ``[N, G, K, S]`` views (per-sample and per-channel statistics, contiguous,
 channels-last, strided and empty) drives forward, backward, eval and the split-phase
@@ -21,10 +22,12 @@ import torch
 from torch import nn
 
 import normlab
-from normlab import ops, reference
+from normlab import ops
+from normlab.ops import _library as kernels
 from normlab.ops import composite
 
 cpu = pytest.importorskip("normlab.ops.cpu", reason="numba is not installed")
+from normlab.ops.cpu import layouts, runtime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +128,7 @@ def test_train_forward_backward_match_composite(view: View, dtype: torch.dtype) 
     x = view.make(dtype)
     w, b = _params(view, dtype)
     dy = view.make(dtype, seed=2)
-    got = _train(cpu, view, x, w, b, dy)
+    got = _train(kernels, view, x, w, b, dy)
     want = _train(composite, view, x, w, b, dy)
     for actual, expected in zip(got, want, strict=True):
         _close(actual, expected, dtype)
@@ -143,7 +146,7 @@ def test_eval_forward_backward_match_composite(view: View, dtype: torch.dtype) -
     var = torch.linspace(0.5, 2, groups, dtype=dtype)
     dy = view.make(dtype, seed=2)
     results = []
-    for module in (cpu, composite):
+    for module in (kernels, composite):
         xl, wl, bl = _leaves(x, w, b)
         y = module.normalize_with_stats(xl, mean, var, wl, bl, eps=1e-5)
         y.backward(dy)
@@ -156,7 +159,7 @@ def test_eval_gradient_of_the_statistics_uses_composite_code() -> None:
     x = torch.randn(4, 3, 1, 5, dtype=torch.float64)
     stats = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
     grads = []
-    for module in (cpu, composite):
+    for module in (kernels, composite):
         mean, var = _leaves(*stats)
         module.normalize_with_stats(x, mean, var, None, None, eps=1e-5).square().sum().backward()
         grads.append((mean.grad, var.grad))
@@ -169,7 +172,7 @@ def test_eval_gradient_of_the_statistics_uses_composite_code() -> None:
 def test_split_phase_pieces_match_composite(view: View) -> None:
     dtype = torch.float64
     x = view.make(dtype)
-    got = cpu.moments(x, per_sample=view.per_sample, center=view.center)
+    got = kernels.moments(x, per_sample=view.per_sample, center=view.center)
     want = composite.moments(x, per_sample=view.per_sample, center=view.center)
     for actual, expected in zip(got, want, strict=True):
         _close(actual, expected, dtype)
@@ -179,12 +182,12 @@ def test_split_phase_pieces_match_composite(view: View) -> None:
     rstd = torch.rsqrt(var + 1e-5)
     dy = view.make(dtype, seed=2)
     w = _params(view, dtype)[0]
-    sums = cpu.backward_reduce(dy, x, mean, rstd)
+    sums = kernels.backward_reduce(dy, x, mean, rstd)
     for actual, expected in zip(sums, composite.backward_reduce(dy, x, mean, rstd), strict=True):
         _close(actual, expected, dtype)
     count = x.numel() // x.shape[1]
     _close(
-        cpu.backward_apply(dy, x, mean, rstd, w, *sums, count),
+        kernels.backward_apply(dy, x, mean, rstd, w, *sums, count),
         composite.backward_apply(dy, x, mean, rstd, w, *sums, count),
         dtype,
     )
@@ -195,7 +198,7 @@ def test_variance_survives_a_large_mean() -> None:
     chosen = ("layer_norm", "batch_norm", "batch_norm-NC-transposed", "batch_norm-planes")
     for view in (v for v in VIEWS if v.id in chosen):
         x = view.make(torch.float32, offset=1e4)
-        _, _, var = cpu.normalize(x, None, None, per_sample=view.per_sample, center=True, eps=0)
+        _, _, var = kernels.normalize(x, None, None, per_sample=view.per_sample, center=True, eps=0)
         dims = (2, 3) if view.per_sample else (0, 2, 3)
         exact = x.double().var(dim=dims, correction=0)
         torch.testing.assert_close(var.double(), exact, rtol=1e-4, atol=0)
@@ -205,7 +208,7 @@ def test_variance_survives_a_large_mean() -> None:
 def test_nan_propagates_to_the_statistics(channels: int) -> None:
     x = torch.randn(4, channels, 1, 6)
     x[1, 2, 0, 3] = float("nan")
-    y, mean, var = cpu.normalize(x, None, None, per_sample=False, center=True, eps=1e-5)
+    y, mean, var = kernels.normalize(x, None, None, per_sample=False, center=True, eps=1e-5)
     assert mean[2].isnan() and var[2].isnan() and y[:, 2].isnan().all()
     assert not (mean[:2].isnan().any() or y[:, :2].isnan().any())
 
@@ -213,9 +216,9 @@ def test_nan_propagates_to_the_statistics(channels: int) -> None:
 def test_planes_route_is_taken_from_the_minimum_channel_count() -> None:
     """The planes kernels run (and are what the table above tested) from
     PLANES_MIN_CHANNELS channels of contiguous NCHW input."""
-    c = cpu.PLANES_MIN_CHANNELS
-    assert cpu._by_planes(torch.randn(2, c, 1, 5), cols=False)
-    assert not cpu._by_planes(torch.randn(2, c - 1, 1, 5), cols=False)
+    c = layouts.PLANES_MIN_CHANNELS
+    assert layouts._by_planes(torch.randn(2, c, 1, 5), cols=False)
+    assert not layouts._by_planes(torch.randn(2, c - 1, 1, 5), cols=False)
 
 
 def test_double_backward_falls_back_to_composite() -> None:
@@ -232,8 +235,8 @@ def test_non_cpu_tensors_are_not_supported() -> None:
     meta = torch.empty(2, 3, device="meta")
     assert not cpu.supports(meta)
     assert not cpu.supports(torch.zeros(3, dtype=torch.int64))
-    assert ops.resolve(meta, "cpu") is composite
-    assert ops.resolve(torch.zeros(2, 3), "auto") is cpu.AUTO
+    assert ops.pieces(meta, "cpu") is ops.COMPOSITE
+    assert ops.pieces(torch.zeros(2, 3), "auto") is cpu.PIECES
 
 
 # --------------------------------------------------------------------------------------
@@ -286,9 +289,9 @@ def _small_model() -> nn.Module:
     )
 
 
-def test_backends_are_imported_with_the_package() -> None:
-    # Importing a backend lazily inside torch.compile's tracing would break the graph.
-    assert ops._loaded.get("cpu") is cpu
+def test_providers_are_imported_with_the_package() -> None:
+    # Importing a provider lazily inside torch.compile's tracing would break the graph.
+    assert "cpu" in ops.available() and ops.routes("cpu", "train")[0].name == "cpu"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "auto", None])
@@ -334,216 +337,6 @@ def test_compile_fullgraph_has_no_graph_break(
 
 
 # --------------------------------------------------------------------------------------
-# BatchNorm's one-call train step (cpu.batch_norm_train), against the NumPy reference
-
-STEP_CASES = [  # id, x shape, affine, running buffers, memory format (planes / cols kernels)
-    ("bn2d", (4, 16, 3, 5), True, True, torch.contiguous_format),
-    ("bn1d-sequence", (5, 8, 7), True, True, torch.contiguous_format),
-    ("bn3d-no-affine", (2, 8, 2, 3, 4), False, True, torch.contiguous_format),
-    ("no-running-stats", (4, 16, 3, 5), True, False, torch.contiguous_format),
-    ("bn1d-NC", (50, 6), True, True, torch.contiguous_format),
-    ("bn2d-1x1", (40, 6, 1, 1), True, True, torch.contiguous_format),
-    ("bn2d-channels-last", (4, 3, 3, 5), True, True, torch.channels_last),
-    ("bn3d-channels-last", (2, 5, 2, 3, 4), True, False, torch.channels_last_3d),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize(("shape", "affine", "running", "fmt"), [c[1:] for c in STEP_CASES],
-                         ids=[c[0] for c in STEP_CASES])
-def test_train_step_matches_reference(
-    shape: tuple[int, ...], affine: bool, running: bool, fmt: torch.memory_format,
-    dtype: torch.dtype,
-) -> None:
-    g = torch.Generator().manual_seed(3)
-    c = shape[1]
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
-    x = x.contiguous(memory_format=fmt)
-    w, b = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
-    rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if running else None
-    rv = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) + 0.5 if running else None
-    before = None if rm is None else (rm.double().numpy().copy(), rv.double().numpy().copy())
-    x_, w_, b_ = _leaves(x, w, b)
-    w_, b_ = (w_, b_) if affine else (None, None)
-    assert cpu.train_step_applies(x_, w_, b_, rm, rv)
-    y, kept = cpu.batch_norm_train(x_, w_, b_, rm, rv, 0.3, 1e-5)
-    assert kept == 0 and y.is_contiguous(memory_format=fmt)
-    wn = w.double().numpy() if affine else None
-    bn = b.double().numpy() if affine else None
-    tol = _tol(dtype)
-    expected = reference.batch_norm_forward(x.double().numpy(), wn, bn, 1e-5)
-    torch.testing.assert_close(y.double(), torch.from_numpy(expected), **tol)
-    if running:
-        mean, var, count = reference.batch_stats(x.double().numpy())
-        new = reference.update_running_stats(*before, mean, var, count, 0.3, 0)
-        torch.testing.assert_close(rm.double(), torch.from_numpy(new[0]), **tol)
-        torch.testing.assert_close(rv.double(), torch.from_numpy(new[1]), **tol)
-    # An expanded (stride-0) gradient, as y.sum().backward() gives, is made contiguous.
-    dy = torch.randn(shape[1:], generator=g, dtype=torch.float64).to(dtype).expand(shape)
-    y.backward(dy)
-    dx, dw, db = reference.batch_norm_backward(dy.double().numpy(), x.double().numpy(), wn)
-    torch.testing.assert_close(x_.grad.double(), torch.from_numpy(dx), **tol)
-    if affine:
-        torch.testing.assert_close(w_.grad.double(), torch.from_numpy(dw), **tol)
-        torch.testing.assert_close(b_.grad.double(), torch.from_numpy(db), **tol)
-
-
-def test_train_step_applies_only_where_its_kernels_fit() -> None:
-    """Anything else goes to the general path, which also reports bad arguments."""
-    x, v = torch.randn(4, 16, 5), torch.ones(16)
-    channels_last = torch.randn(4, 16, 3, 5).to(memory_format=torch.channels_last)
-    assert cpu.train_step_applies(x, v, v, v.clone(), v.clone())
-    assert cpu._step_layout(x, 0) == "planes"
-    assert cpu._step_layout(channels_last, 0) == cpu._step_layout(torch.randn(4, 16), 0) == "cols"
-    declined = {
-        "channels-last with an activation": (channels_last, v, 1),
-        "strided": (torch.randn(4, 16, 10)[..., ::2], v, 0),
-        "few channels": (torch.randn(4, 3, 5), torch.ones(3), 0),
-        "half precision": (torch.randn(4, 16, 5).half(), v.half(), 0),
-        "weight of another dtype": (x, v.double(), 0),
-        "weight of another size": (x, torch.ones(15), 0),
-        "2-D weight": (x, torch.ones(16, 1), 0),
-        "empty": (torch.randn(0, 16, 5), v, 0),
-    }
-    for name, (x_, w, act) in declined.items():
-        assert not cpu.train_step_applies(x_, w, None, None, None, act), name
-    assert cpu.train_step_applies(torch.randn(4, 3, 5), None, None, None, None, act=1)
-    assert not cpu.train_step_applies(x, None, None, v.requires_grad_(), v.clone())
-    # The layers take the step, and BatchNormAct with its activation code.
-    calls = []
-    original = cpu._train_step
-
-    def spy(*args):  # noqa: ANN002, ANN202
-        calls.append(args[8])
-        return original(*args)
-
-    cpu._train_step = spy
-    try:
-        normlab.BatchNorm1d(16)(x)
-        normlab.BatchNormAct1d(16, act="leaky_relu")(torch.randn(64, 16, 80))
-        normlab.BatchNormAct1d(16, act="silu")(torch.randn(64, 16, 80))  # torch's silu after
-    finally:
-        cpu._train_step = original
-    assert calls == [0, cpu.ACT_CODES["leaky_relu"], 0]
-
-
-def test_train_step_double_backward() -> None:
-    x = torch.randn(3, 8, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-
-    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return cpu.batch_norm_train(x, w, None, None, None, 0.1, 1e-5)[0]
-
-    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
-    y, _ = cpu.batch_norm_train(x, w, None, None, None, 0.1, 1e-5, act=1)
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(y.square().sum(), x, create_graph=True)
-
-
-def test_train_step_keeps_running_stats_of_non_finite_channels() -> None:
-    x = torch.randn(4, 16, 6)
-    x[1, 2, 3] = float("nan")
-    rm, rv = torch.zeros(16), torch.ones(16)
-    y, kept = cpu.batch_norm_train(x, None, None, rm, rv, 0.5, 1e-5)
-    assert kept == 1 and rm[2] == 0 and rv[2] == 1 and y[:, 2].isnan().all()
-    assert (rm != 0).sum() == 15
-    layer = normlab.BatchNorm1d(16)
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        layer(x)
-    assert layer.running_mean[2] == 0 and layer.num_batches_tracked == 1
-
-
-# --------------------------------------------------------------------------------------
-# The per-row one-call step (cpu.rows_norm: LayerNorm, GroupNorm, RMSNorm), against the
-# NumPy reference
-
-ROWS_CASES = [  # id, x shape, norm, its argument, affine
-    ("layer-1d", (6, 40), "layer", (40,), True),
-    ("layer-2d-shape", (3, 2, 4, 5), "layer", (4, 5), True),
-    ("layer-no-affine", (5, 33), "layer", (33,), False),
-    ("group", (3, 6, 4, 5), "group", 2, True),
-    ("group-NC", (5, 8), "group", 4, True),
-    ("group-no-affine", (2, 8, 3, 3, 2), "group", 4, False),
-    ("rms", (7, 3, 16), "rms", (16,), True),
-    ("rms-no-affine", (4, 300), "rms", (300,), False),
-]
-
-
-def _rows_reference(norm: str, x, arg, w, b, dy):  # noqa: ANN001, ANN202
-    """(y, (dx, dw, db)) of the float64 reference."""
-    if norm == "group":
-        return (reference.group_norm_forward(x, arg, w, b, 1e-5),
-                reference.group_norm_backward(dy, x, arg, w, 1e-5))
-    if norm == "layer":
-        return (reference.layer_norm_forward(x, arg, w, b, 1e-5),
-                reference.layer_norm_backward(dy, x, arg, w, 1e-5))
-    dx, dw = reference.rms_norm_backward(dy, x, arg, w, 1e-5)
-    return reference.rms_norm_forward(x, arg, w, 1e-5), (dx, dw, None)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize(("shape", "norm", "arg", "affine"), [c[1:] for c in ROWS_CASES],
-                         ids=[c[0] for c in ROWS_CASES])
-def test_rows_step_matches_reference(
-    shape: tuple[int, ...], norm: str, arg: object, affine: bool, dtype: torch.dtype
-) -> None:
-    g = torch.Generator().manual_seed(5)
-    pshape = (shape[1],) if norm == "group" else arg
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
-    w, b = (torch.randn(pshape, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
-    x_, w_, b_ = _leaves(x, w, b)
-    w_, b_ = (w_, b_) if affine else (None, None)
-    b_ = None if norm == "rms" else b_
-    if norm == "group":
-        y = cpu.group_norm(x_, arg, w_, b_, 1e-5)
-    elif norm == "layer":
-        y = cpu.layer_norm(x_, arg, w_, b_, 1e-5)
-    else:
-        y = cpu.rms_norm(x_, arg, w_, 1e-5)
-    assert y is not None and y.shape == shape
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    y.backward(dy)
-    f64 = [None if t is None else t.detach().double().numpy() for t in (x, w_, b_, dy)]
-    y_ref, grads_ref = _rows_reference(norm, f64[0], arg, f64[1], f64[2], f64[3])
-    tol = _tol(dtype)
-    torch.testing.assert_close(y.double(), torch.from_numpy(y_ref), **tol)
-    for got, want in zip((x_, w_, b_), grads_ref, strict=True):
-        if got is not None:
-            torch.testing.assert_close(got.grad.double(), torch.from_numpy(want), **tol)
-
-
-def test_rows_step_applies_only_where_its_kernels_fit() -> None:
-    x, v = torch.randn(4, 16), torch.ones(16)
-    assert cpu.rows_step_applies(x, 16, v, v)
-    declined = {
-        "strided": (torch.randn(4, 32)[:, ::2], v),
-        "half precision": (x.half(), v.half()),
-        "weight of another dtype": (x, v.double()),
-        "weight of another size": (x, torch.ones(15)),
-        "non-contiguous weight": (x, torch.ones(32)[::2]),
-        "empty": (torch.randn(0, 16), v),
-    }
-    for name, (x_, w) in declined.items():
-        assert not cpu.rows_step_applies(x_, 16, w, None), name
-        assert cpu.rows_norm(x_, max(x_.shape[0], 1), 1, 16, w, None, 1e-5) is None, name
-    # GroupNorm with a channel per group is InstanceNorm: the general path's planes kernels.
-    assert cpu.group_norm(torch.randn(2, 4, 7), 4, None, None, 1e-5) is None
-
-
-def test_rows_step_double_backward() -> None:
-    x = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
-
-    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return cpu.rows_norm(x, 6, 2, 6, w, None, 1e-5)
-
-    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
-    y = cpu.rows_norm(x, 6, 2, 6, w, None, 1e-5, act=1)
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(y.square().sum(), x, create_graph=True)
-
-
-# --------------------------------------------------------------------------------------
 # Determinism, threads, selection, cache
 
 
@@ -552,9 +345,9 @@ def test_bitwise_deterministic(view: View) -> None:
     x = view.make(torch.float32)
     w, b = _params(view, torch.float32)
     dy = view.make(torch.float32, seed=2)
-    first = _train(cpu, view, x, w, b, dy)
+    first = _train(kernels, view, x, w, b, dy)
     for _ in range(2):
-        again = _train(cpu, view, x, w, b, dy)
+        again = _train(kernels, view, x, w, b, dy)
         for a, b_ in zip(first, again, strict=True):
             assert torch.equal(a, b_)
 
@@ -565,128 +358,22 @@ def test_threads_follow_torch() -> None:
         torch.set_num_threads(1)
         assert cpu.sync_threads(10**9) == 1
         torch.set_num_threads(2)
-        assert cpu.sync_threads(10**9) == min(2, cpu.numba.config.NUMBA_NUM_THREADS)
+        assert cpu.sync_threads(10**9) == min(2, runtime.numba.config.NUMBA_NUM_THREADS)
         assert cpu.sync_threads(10) == 1  # tiny inputs stay on the calling thread
-        assert cpu.numba.get_num_threads() == 1
+        assert runtime.numba.get_num_threads() == 1
         torch.set_num_threads(2)
-        assert cpu.sync_threads(10**9) == cpu.numba.get_num_threads()
+        assert cpu.sync_threads(10**9) == runtime.numba.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
 
-def test_backend_selection_argument_context_and_default() -> None:
-    x = torch.randn(4, 6)
-    assert ops.resolve(x) is cpu.AUTO
-    assert ops.resolve(x, "torch") is composite
-    with normlab.use_backend("torch"):
-        assert ops.resolve(x) is composite
-        assert ops.resolve(x, "cpu") is cpu
-    y_cpu = normlab.functional.layer_norm(x, (6,), backend="cpu")
-    y_torch = normlab.functional.layer_norm(x, (6,), backend="torch")
-    torch.testing.assert_close(y_cpu, y_torch)
-
-
-def test_backend_selection_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ops.ENV_VAR, "torch")
-    assert ops.resolve(torch.randn(3)) is composite
-    monkeypatch.setenv(ops.ENV_VAR, " CPU ")
-    assert ops.resolve(torch.randn(3)) is cpu
-    monkeypatch.delenv(ops.ENV_VAR)  # read on every call, not once
-    assert ops.requested() == "auto" and ops.resolve(torch.randn(3)) is cpu.AUTO
-
-
-def test_batch_norm_eval_layer_takes_torch_batch_norm_on_auto_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The layer's eval shortcut (``auto``'s ``torch.batch_norm`` route) runs on ``auto``
-    only; other backends and bad input take the general path and its checks."""
-    layer = normlab.BatchNorm2d(8).eval()
-    with torch.no_grad():
-        layer.running_mean.normal_(), layer.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(4, 8, 3, 3)
-    calls = []
-    direct = cpu.AUTO.batch_norm_eval
-    monkeypatch.setattr(cpu.AUTO, "batch_norm_eval",
-                        lambda *a: calls.append(a[0].shape) or direct(*a))
-    expected = torch.nn.functional.batch_norm(
-        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, 1e-5
-    )
-    torch.testing.assert_close(layer(x), expected)
-    assert len(calls) == 1
-    for name in ("cpu", "torch"):
-        with normlab.use_backend(name):
-            torch.testing.assert_close(layer(x), expected)
-    monkeypatch.setenv(ops.ENV_VAR, "torch")
-    torch.testing.assert_close(layer(x), expected)
-    assert len(calls) == 1
-    monkeypatch.delenv(ops.ENV_VAR)
-    with pytest.raises(ValueError, match="num_features=8"):
-        layer(torch.randn(4, 7, 3, 3))
-    with pytest.raises(ValueError, match="4"):
-        layer(torch.randn(4, 8, 3))
-
-
-@pytest.mark.parametrize(("make_input", "momentum", "offers"), [
-    (lambda: torch.randn(4, 8, 5, 5), 0.1, 1),  # taken straight from forward
-    (lambda: torch.randn(4, 8, 5, 10)[..., ::2], 0.1, 2),  # declined (strided), twice
-    (lambda: torch.randn(4, 8, 5, 5), None, 1),  # cumulative average: via functional
-    (lambda: torch.randn(1, 8, 1, 1), 0.1, 0),  # one value per channel: running stats
-], ids=["contiguous", "strided", "momentum-None", "one-value"])
-def test_batch_norm_train_layer_takes_the_step_directly(
-    monkeypatch: pytest.MonkeyPatch, make_input, momentum, offers,  # noqa: ANN001
-) -> None:
-    """BatchNorm layers in training offer the input to auto's one-call step straight from
-    forward (``offers``: how often the step is asked, there and by the general path); a
-    batch is counted once whether the step takes it or declines it."""
-    calls = []
-    direct = cpu.AUTO.batch_norm_train
-    monkeypatch.setattr(cpu.AUTO, "batch_norm_train",
-                        lambda *a: calls.append(1) or direct(*a))
-    layer = normlab.BatchNorm2d(8, momentum=momentum, small_batch="running")
-    reference = torch.nn.BatchNorm2d(8, momentum=momentum)
-    x = make_input()
-    if x.shape[0] == 1:
-        expected = reference.eval()(x)  # the "running" policy: running statistics, untouched
-    else:
-        expected = reference(x)
-    torch.testing.assert_close(layer(x), expected)
-    assert len(calls) == offers
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(layer, name), getattr(reference, name))
-
-
-@pytest.mark.parametrize(("entry", "layer", "reference", "good", "bad", "message"), [
-    ("layer_norm", normlab.LayerNorm((3, 4)), torch.nn.LayerNorm((3, 4)), (2, 5, 3, 4),
-     (2, 5, 4, 3), "trailing"),
-    ("group_norm", normlab.GroupNorm(2, 6), torch.nn.GroupNorm(2, 6), (4, 6, 5),
-     (4, 5, 5), "num_channels=6"),
-], ids=["layer_norm", "group_norm"])
-def test_layer_and_group_norm_layers_take_auto_route_directly(
-    monkeypatch: pytest.MonkeyPatch, entry, layer, reference, good, bad, message,  # noqa: ANN001
-) -> None:
-    """LayerNorm/GroupNorm layers call auto's torch-native entry point straight away on
-    ``auto`` (ops.auto_cpu); other backends, and bad input, take the checked path."""
-    calls = []
-    direct = getattr(cpu.AUTO, entry)
-    monkeypatch.setattr(cpu.AUTO, entry, lambda *a: calls.append(1) or direct(*a))
-    x = torch.randn(good)
-    torch.testing.assert_close(layer(x), reference(x))
-    assert calls == [1]
-    assert ops.auto_cpu(x) is cpu.AUTO and ops.auto_cpu(torch.randn(2, 4)[:, ::2]) is cpu.AUTO
-    with normlab.use_backend("cpu"):
-        assert ops.auto_cpu(x) is None
-        torch.testing.assert_close(layer(x), reference(x))
-    assert calls == [1]
-    with pytest.raises(ValueError, match=message):
-        layer(torch.randn(bad))
-
-
 _PROBE = """
 import json, torch
-from normlab.ops import _kernels as K, cpu
+from normlab.ops import _library, cpu
+from normlab.ops.cpu import kernels as K
 x = torch.randn(6, 1, 12, 1)
 with torch.no_grad():
-    cpu.normalize(x, None, None, per_sample=True, center=True, eps=1e-5)
+    _library.normalize(x, None, None, per_sample=True, center=True, eps=1e-5)
 stats = K.rows_forward.stats
 print(json.dumps({"hits": sum(stats.cache_hits.values()),
                   "misses": sum(stats.cache_misses.values()), "dir": cpu.cache_dir()}))
@@ -731,14 +418,14 @@ before = dict(os.environ)
 import numba, torch
 numba_cache = numba.config.CACHE_DIR
 import normlab
-from normlab.ops import cpu
-imported = {"environ": dict(os.environ) == before, "pool": cpu._pool_started,
+from normlab.ops.cpu import runtime
+imported = {"environ": dict(os.environ) == before, "pool": runtime._pool_started,
             "numba_cache": numba.config.CACHE_DIR == numba_cache}
 normlab.BatchNorm2d(4)(torch.randn(8, 4, 16, 16))
-ran = {"environ": dict(os.environ) == before, "pool": cpu._pool_started}
+ran = {"environ": dict(os.environ) == before, "pool": runtime._pool_started}
 pid = os.fork()
 if pid == 0:  # a child of a process whose pool runs: the composite backend
-    os._exit(0 if normlab.ops.resolve(torch.randn(2, 2)).NAME == "torch" else 3)
+    os._exit(0 if normlab.ops.pieces(torch.randn(2, 2)).name == "torch" else 3)
 print(json.dumps({"imported": imported, "ran": ran, "child": os.waitpid(pid, 0)[1]}))
 """
 
@@ -768,55 +455,13 @@ def test_child_forked_before_any_kernel_runs_the_kernels() -> None:
         "    with warnings.catch_warnings():\n"
         "        warnings.simplefilter('error')\n"
         "        normlab.BatchNorm2d(4)(torch.randn(8, 4, 16, 16))\n"
-        "        ok = normlab.ops.resolve(torch.randn(2, 2)).NAME != 'torch'\n"
+        "        ok = normlab.ops.pieces(torch.randn(2, 2)).name != 'torch'\n"
         "    os._exit(0 if ok else 3)\n"
         "print(os.waitpid(pid, 0)[1])\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=300)
     assert run.stdout.strip().splitlines()[-1] == "0", run.stderr[-2000:]
-
-
-# (x4 shape, per_sample, center) -> the native kernel "auto" uses for train mode.
-AUTO_ROUTES = [
-    ((8, 1, 32, 1), True, True, "layer_norm"),
-    ((4, 2, 8, 9), True, True, "group_norm"),
-    ((4, 6, 1, 9), True, True, None),  # InstanceNorm: kernels
-    ((8, 1, 32, 1), True, False, None),  # RMSNorm: kernels
-    ((4, 6, 1, 9), False, True, None),  # BatchNorm train: kernels
-    ((8, 5, 1, 1), False, True, None),  # BatchNorm of [N, C] (renorm, ghost): kernels
-]
-
-
-@pytest.mark.parametrize(("shape", "per_sample", "center", "route"), AUTO_ROUTES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_auto_routes_and_matches_the_kernels(
-    shape: tuple[int, ...], per_sample: bool, center: bool, route: str | None,
-    dtype: torch.dtype,
-) -> None:
-    x4 = torch.randn(shape, dtype=dtype) * 3 + 1
-    features = shape[1] * shape[2]
-    w = torch.randn(features, dtype=dtype, requires_grad=True)
-    b = torch.randn(features, dtype=dtype, requires_grad=True)
-    assert cpu.native_route(x4, w, b, per_sample, center) == route
-    got = cpu.AUTO.normalize(x4, w, b, per_sample=per_sample, center=center, eps=1e-5)
-    want = cpu.normalize(x4, w, b, per_sample=per_sample, center=center, eps=1e-5)
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
-    for g, r in zip(got, want, strict=True):
-        torch.testing.assert_close(g, r, **tol)
-    dy = torch.randn_like(x4)
-    grads = [torch.autograd.grad(y[0], (w, b), dy) for y in (got, want)]
-    for g, r in zip(*grads, strict=True):
-        torch.testing.assert_close(g, r, **tol)
-
-
-def test_auto_eval_uses_torch_batch_norm_and_matches_the_kernels() -> None:
-    x4 = torch.randn(4, 6, 1, 9)
-    mean, var = torch.randn(6), torch.rand(6) + 0.5
-    w, b = torch.randn(6), torch.randn(6)
-    got = cpu.AUTO.normalize_with_stats(x4, mean, var, w, b, eps=1e-5)
-    want = cpu.normalize_with_stats(x4, mean, var, w, b, eps=1e-5)
-    torch.testing.assert_close(got, want)
 
 
 DIRECT_CASES = [  # functional call on "auto", torch's own function, "auto" takes torch's
@@ -855,7 +500,7 @@ def test_forked_child_falls_back_to_torch_backend() -> None:
     would be terminated; instead it computes on the composite backend, and says so once."""
     x = torch.randn(8, 4, 16, 16)
     parent = normlab.BatchNorm2d(4)(x)  # the parent has used the kernels' thread pool
-    assert ops.resolve(x).NAME != "torch"
+    assert ops.pieces(x).name != "torch"
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -867,7 +512,7 @@ def test_forked_child_falls_back_to_torch_backend() -> None:
                 again = normlab.BatchNorm2d(4)(x)
             said = [str(w.message) for w in caught]
             ok = (
-                ops.resolve(x).NAME == "torch"
+                ops.pieces(x).name == "torch"
                 and torch.allclose(child, parent, atol=1e-5)
                 and torch.equal(child, again)
                 and said == [cpu.FORKED_CHILD_WARNING]  # once, not per call
