@@ -117,6 +117,9 @@ def check_vector(
         check_companion(input, value, name)
 
 
+_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def check_vectors(input: Tensor, size: int, what: str, **vectors: Tensor | None) -> None:
     """:func:`check_vector` of each named vector against ``input``, with a fast pass for
     the common case (``[size]``, the input's device and dtype)."""
@@ -128,9 +131,6 @@ def check_vectors(input: Tensor, size: int, what: str, **vectors: Tensor | None)
         ):
             continue
         check_vector(value, name, size, what, input)
-
-
-_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def one_value_per_channel(input: Tensor) -> bool:
@@ -148,6 +148,10 @@ def check_values_per_channel(input: Tensor) -> None:
 
 def normalized_shape_tuple(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     """torch's convention: an int means the last dimension."""
+    if type(normalized_shape) is tuple and normalized_shape and all(
+        type(d) is int and d >= 0 for d in normalized_shape
+    ):
+        return normalized_shape  # the layers' own (already checked) shape
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         shape: tuple[int, ...] = (normalized_shape,)
     elif isinstance(normalized_shape, (Sequence, torch.Size)) and all(
@@ -176,7 +180,10 @@ def check_per_shape(
 ) -> None:
     """A parameter of shape ``normalized_shape`` on ``input``'s device, of its dtype
     unless ``any_dtype`` (torch's rms_norm computes in the promoted dtype)."""
-    if value is None:
+    if value is None or (
+        type(value) in _TENSOR_TYPES and value.shape == shape and value.dtype == input.dtype
+        and value.device == input.device
+    ):
         return
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")

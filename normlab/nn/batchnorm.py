@@ -64,7 +64,7 @@ class BatchNormBase(NormBase):
 
     def _stats_frozen(self, input: Tensor) -> bool:
         """Whether this training step normalizes with the running statistics, untouched."""
-        if not (self.training and self.running_mean is not None):
+        if not (self.training and self._buffers.get("running_mean") is not None):
             return False
         return self.freeze_stats or (
             self.small_batch == "running" and _checks.one_value_per_channel(input)
@@ -81,14 +81,15 @@ class BatchNormBase(NormBase):
             )
         if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
             _checks.check_values_per_channel(input)
-        elif not self.training and self.running_mean is None:  # batch statistics in eval
+        elif not self.training and self._buffers.get("running_mean") is None:  # batch stats
             _checks.check_values_per_channel(input)
         # The layer's own tensors too (one reassigned with the wrong shape, device or
         # dtype), worded as the functional API words them: before any state moves.
+        params, buffers = self._parameters, self._buffers
         _checks.check_vectors(
             input, self.num_features, "channels of input (dim 1)",
-            weight=self.weight, bias=self.bias, running_mean=self.running_mean,
-            running_var=self.running_var,
+            weight=params.get("weight"), bias=params.get("bias"),
+            running_mean=buffers.get("running_mean"), running_var=buffers.get("running_var"),
         )
 
     def _average_factor(self) -> float:
@@ -104,20 +105,23 @@ class BatchNormBase(NormBase):
     def _step(self, input: Tensor) -> tuple[bool, Tensor | None, Tensor | None, float]:
         """``(batch_stats, running_mean, running_var, momentum)`` of this call, the batch
         counted where it will be recorded; after :meth:`_check_input_dim`."""
+        buffers = self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         if not self.training:
-            return self.running_mean is None, self.running_mean, self.running_var, 0.0
+            return running_mean is None, running_mean, running_var, 0.0
         if self._stats_frozen(input):
-            return False, self.running_mean, self.running_var, 0.0
+            return False, running_mean, running_var, 0.0
         if not self.track_running_stats or _checks.one_value_per_channel(input):
             return True, None, None, 0.0  # one value per channel: small_batch="skip_update"
-        return True, self.running_mean, self.running_var, self._average_factor()
+        return True, running_mean, running_var, self._average_factor()
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         batch_stats, running_mean, running_var, momentum = self._step(input)
+        params = self._parameters
         return F._batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum,
-            self.eps, self.act, self.slope,
+            input, running_mean, running_var, params.get("weight"), params.get("bias"), batch_stats,
+            momentum, self.eps, self.act, self.slope,
         )
 
 

@@ -115,7 +115,8 @@ def _register_cpu() -> None:
 
 
 _register_cpu()
-_FILTERED: dict[tuple[str, str, str], tuple[Provider, ...]] = {}
+# (device type, mode or batch_stats, backend) -> entries: filtered once.
+_FILTERED: dict[tuple[str, object, str], tuple[Provider, ...]] = {}
 
 
 def routes(device_type: str, mode: str, backend: str = "auto") -> tuple[Provider, ...]:
@@ -142,8 +143,13 @@ def route(
 ) -> Provider:
     """The provider that runs ``plan`` on these tensors: the first entry that applies."""
     name = requested() if backend is None else _check_choice(backend, "backend")
-    mode = "train" if plan.batch_stats else "eval"
-    for entry in routes(x.device.type, mode, name):
+    device_type = "cpu" if x.is_cpu else x.device.type
+    entries = _FILTERED.get((device_type, plan.batch_stats, name))
+    if entries is None:
+        entries = _FILTERED[device_type, plan.batch_stats, name] = routes(
+            device_type, "train" if plan.batch_stats else "eval", name
+        )
+    for entry in entries:
         if entry.applies(plan, x, weight, bias, running_mean, running_var):
             return entry
     raise AssertionError("the composite provider applies to every call")  # pragma: no cover
@@ -176,11 +182,19 @@ def _check_choice(name: str, source: str) -> str:
     return name
 
 
+# os.environ's own store: "is ENV_VAR set?" is one dict lookup there, where os.environ
+# encodes and decodes (a few us a call, which small calls feel; docs/backends.md).
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
 def requested() -> str:
     """The backend asked for by context manager or environment (``"auto"`` if none)."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
+    if _ENV_STORE is not None and _ENV_KEY not in _ENV_STORE:
+        return "auto"
     env = os.environ.get(ENV_VAR)
     if not env:
         return "auto"

@@ -25,6 +25,8 @@ def activation(x: Tensor, act: str, slope: float) -> Tensor:
     """``act(x)`` with torch's definitions (gelu the exact, erf-based one); ``slope`` is
     leaky_relu's negative slope or elu's alpha. The one table of the fused layers'
     activations (TorchScript compiles it too: builtin annotations, no f-string)."""
+    if act == "identity":
+        return x
     if act == "relu":
         return torch.relu(x)
     if act == "leaky_relu":
@@ -35,8 +37,6 @@ def activation(x: Tensor, act: str, slope: float) -> Tensor:
         return TF.gelu(x)
     if act == "elu":
         return TF.elu(x, slope)
-    if act == "identity":
-        return x
     raise ValueError("act must be one of relu, leaky_relu, silu, gelu, elu, identity, got " + act)
 
 

@@ -23,7 +23,10 @@ def _same_dtype(x: Tensor, *params: Tensor | None) -> bool:
     dtype = x.dtype
     if dtype not in _STEP_DTYPES:
         return False
-    return all(p is None or p.dtype == dtype for p in params)
+    for p in params:
+        if p is not None and p.dtype != dtype:
+            return False
+    return True
 
 
 def _native_eval(
