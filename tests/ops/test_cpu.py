@@ -526,3 +526,19 @@ def test_forked_child_falls_back_to_torch_backend() -> None:
     result = os.read(read, 1)
     os.close(read)
     assert os.WIFEXITED(wait_status) and result == b"\x00", (wait_status, result)
+
+
+def test_first_compilation_is_announced_once_on_stderr(tmp_path: Path) -> None:
+    """An empty kernel cache: one line on stderr before the first kernel compiles; a second
+    process with the cache says nothing."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    code = ("import torch, normlab\n"
+            "normlab.LayerNorm(8, elementwise_affine=False)(torch.randn(4, 8))\n"
+            "normlab.LayerNorm(8, elementwise_affine=False)(torch.randn(4, 8))\n")
+    env["NORMLAB_BACKEND"] = "cpu"
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True, timeout=600) for _ in range(2)]
+    said = [[line for line in r.stderr.splitlines() if line.startswith("normlab: compiling")]
+            for r in runs]
+    assert len(said[0]) == 1 and str(tmp_path) in said[0][0]
+    assert said[1] == []

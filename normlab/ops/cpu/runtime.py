@@ -101,6 +101,7 @@ def _start_numba_threads() -> None:
     if _pool_started:
         return
     _pool_started = True
+    announce_compile()
     policy = os.environ.get(WAIT_POLICY_VAR, "PASSIVE").strip()
     if "OMP_WAIT_POLICY" in os.environ or policy.lower() in ("", "keep"):
         numba.get_num_threads()
@@ -183,23 +184,15 @@ def supports(x: Tensor) -> bool:
 
 
 # --- first compilation -----------------------------------------------------------------
-_announced = False
 COMPILE_NOTICE = (
-    "normlab: compiling the CPU kernels this call needs (once; about 5-15 s, then cached "
-    "in {where})"
+    "normlab: compiling the CPU kernels on first use (once per version: about 5-15 s, then "
+    "cached in {where})"
 )
 
 
-def announce_compile(kernel: Callable) -> None:
-    """Say once per process, on stderr, that a kernel is about to compile (seconds) rather
-    than load from the disk cache (milliseconds)."""
-    global _announced
-    if _announced or getattr(kernel, "signatures", None):
-        return
-    cache = getattr(kernel, "_cache", None)
-    index = getattr(cache, "_cache_file", None)
-    index_path = getattr(index, "_index_path", None)
-    if index_path is not None and os.path.exists(index_path):
-        return  # cached on disk for some signature: loading takes milliseconds
-    _announced = True
-    print(COMPILE_NOTICE.format(where=_CACHE_DIR), file=sys.stderr, flush=True)
+def announce_compile() -> None:
+    """Say on stderr, once, that the kernels compile now (seconds) rather than load from
+    the disk cache (milliseconds): when this version of the kernels has no cache yet."""
+    where = os.path.join(_CACHE_DIR, _KERNELS_DIGEST)
+    if not os.path.isdir(where):
+        print(COMPILE_NOTICE.format(where=where), file=sys.stderr, flush=True)
