@@ -118,6 +118,32 @@ def check_vector(
 
 
 _TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def fits(input: object, shape: tuple[int, ...], *tensors: Tensor | None, at: int = -1) -> bool:
+    """The common case, in a few compares: ``input`` a dense floating tensor whose
+    dimensions from ``at`` on (``-1``: its trailing ones) are ``shape``, and each given
+    tensor ``shape``-shaped with its dtype and device. The layers call their functional
+    core when it holds and the checked function (which names what is wrong) otherwise."""
+    if type(input) not in _TENSOR_TYPES or input.dtype not in _FLOATS:
+        return False
+    if input.layout != torch.strided:
+        return False
+    sizes = input.shape
+    if at < 0:
+        if sizes[len(sizes) - len(shape):] != shape:
+            return False
+    elif len(sizes) <= at or sizes[at] != shape[0]:
+        return False
+    dtype, device = input.dtype, input.device
+    for value in tensors:
+        if value is not None and not (
+            type(value) in _TENSOR_TYPES and value.shape == shape and value.dtype == dtype
+            and value.device == device
+        ):
+            return False
+    return True
 
 
 def check_vectors(input: Tensor, size: int, what: str, **vectors: Tensor | None) -> None:

@@ -72,6 +72,16 @@ class BatchNormBase(NormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         """Everything that can reject ``input``, checked before any buffer changes."""
+        params, buffers = self._parameters, self._buffers
+        if (
+            _checks.fits(
+                input, (self.num_features,), params.get("weight"), params.get("bias"),
+                buffers.get("running_mean"), buffers.get("running_var"), at=1,
+            )
+            and input.dim() in self._allowed_dims
+            and (input.numel() != input.shape[1] or input.numel() == 0)  # not one value each
+        ):
+            return
         _checks.check_tensor(input)
         _checks.check_dim(input, self._allowed_dims)
         if input.shape[1] != self.num_features:
@@ -85,7 +95,6 @@ class BatchNormBase(NormBase):
             _checks.check_values_per_channel(input)
         # The layer's own tensors too (one reassigned with the wrong shape, device or
         # dtype), worded as the functional API words them: before any state moves.
-        params, buffers = self._parameters, self._buffers
         _checks.check_vectors(
             input, self.num_features, "channels of input (dim 1)",
             weight=params.get("weight"), bias=params.get("bias"),

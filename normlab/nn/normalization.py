@@ -72,10 +72,15 @@ class GroupNorm(ScriptableMixin, CheckedHyperparameters):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        params, groups = self._parameters, self.num_groups
+        weight, bias = params.get("weight"), params.get("bias")
+        if _checks.fits(input, (self.num_channels,), weight, bias, at=1) and (
+            input.numel() // groups != 1
+        ):
+            return F._group_norm(input, groups, weight, bias, self.eps, self.act, self.slope)
         self._check_input(input)
         return F.group_norm(
-            input, self.num_groups, self.weight, self.bias, self.eps, act=self.act,
-            slope=self.slope,
+            input, groups, weight, bias, self.eps, act=self.act, slope=self.slope
         )
 
     def extra_repr(self) -> str:
@@ -141,9 +146,12 @@ class LayerNorm(_TrailingNorm):
         super().__init__(normalized_shape, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        params, shape = self._parameters, self.normalized_shape
+        weight, bias = params.get("weight"), params.get("bias")
+        if _checks.fits(input, shape, weight, bias):
+            return F._layer_norm(input, shape, weight, bias, self.eps, self.act, self.slope)
         return F.layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps, act=self.act,
-            slope=self.slope,
+            input, shape, weight, bias, self.eps, act=self.act, slope=self.slope
         )
 
     def extra_repr(self) -> str:
@@ -176,7 +184,10 @@ class RMSNorm(_TrailingNorm):
         super().__init__(normalized_shape, elementwise_affine, False, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        shape, weight = self.normalized_shape, self._parameters.get("weight")
+        if _checks.fits(input, shape, weight):
+            return F._rms_norm(input, shape, weight, self.eps)
+        return F.rms_norm(input, shape, weight, self.eps)
 
     def extra_repr(self) -> str:
         return (

@@ -376,7 +376,8 @@ with torch.no_grad():
     _library.normalize(x, None, None, per_sample=True, center=True, eps=1e-5)
 stats = K.rows_forward.stats
 print(json.dumps({"hits": sum(stats.cache_hits.values()),
-                  "misses": sum(stats.cache_misses.values()), "dir": cpu.cache_dir()}))
+                  "misses": sum(stats.cache_misses.values()), "dir": cpu.cache_dir(),
+                  "path": K.rows_forward._cache._cache_path}))
 """
 
 
@@ -393,7 +394,8 @@ def test_second_process_loads_kernels_from_the_disk_cache() -> None:
     first = probe()  # compiles, unless an earlier run already cached the kernel
     second = probe()
     assert first["hits"] + first["misses"] == 1
-    assert second == {"hits": 1, "misses": 0, "dir": first["dir"]}
+    assert second == {"hits": 1, "misses": 0, "dir": first["dir"], "path": first["path"]}
+    assert Path(first["path"]).is_relative_to(first["dir"])
     # The default cache lives in the user's cache dir, not next to the installed sources.
     assert Path(first["dir"]).parts[-2:] == ("normlab", "numba")
     assert list(Path(first["dir"]).rglob("*rows_forward*.nbi"))

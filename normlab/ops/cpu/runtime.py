@@ -193,6 +193,6 @@ COMPILE_NOTICE = (
 def announce_compile() -> None:
     """Say on stderr, once, that the kernels compile now (seconds) rather than load from
     the disk cache (milliseconds): when this version of the kernels has no cache yet."""
-    where = os.path.join(_CACHE_DIR, _KERNELS_DIGEST)
-    if not os.path.isdir(where):
+    where = Path(_CACHE_DIR, _KERNELS_DIGEST)  # made at import, filled by compilations
+    if not any(where.rglob("*.nbi")):
         print(COMPILE_NOTICE.format(where=where), file=sys.stderr, flush=True)

@@ -1,6 +1,9 @@
-"""The numba kernels of the CPU provider (``common`` says how they compute): imported by
-``normlab.ops.cpu.runtime`` after it placed their disk cache, and compiled per function
-and dtype at first use."""
+"""The numba kernels of the CPU provider (``common`` says how they compute), compiled per
+function and dtype at first use and cached on disk where ``normlab.ops.cpu.runtime``
+says."""
+
+# The disk cache's place is set before any kernel's decorator runs (numba picks it then).
+from normlab.ops.cpu import runtime  # noqa: F401, I001
 
 from normlab.ops.cpu.kernels.channels import (
     channel_cols_backward,
