@@ -22,7 +22,9 @@ module is the only place these views and the compute dtype are made; the provide
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -81,13 +83,28 @@ class Plan(NamedTuple):
         return param if param is None or param.dim() == 1 else param.reshape(self.features)
 
 
-def _spatial(x: Tensor) -> int:
-    shape = x.shape
+def _by_shape(build: Callable[..., Plan]) -> Callable[..., Plan]:
+    """A constructor taking the input tensor, whose plan depends only on its shape and the
+    other arguments: memoized per shape (a layer sees the same few shapes, and small calls
+    feel each microsecond), except under tracing, where shapes may be symbolic."""
+    cached = functools.lru_cache(maxsize=512)(build)
+
+    @functools.wraps(build)
+    def make(x: Tensor, *args: object) -> Plan:
+        if torch.compiler.is_compiling():
+            return build(x.shape, *args)
+        return cached(x.shape, *args)
+
+    return make
+
+
+def _spatial(shape: tuple[int, ...]) -> int:
     return math.prod(shape[2:]) if len(shape) > 2 else 1
 
 
+@_by_shape
 def batch(
-    x: Tensor,
+    shape: tuple[int, ...],
     batch_stats: bool,
     eps: float,
     momentum: float = 0.0,
@@ -95,46 +112,48 @@ def batch(
     slope: float = 0.0,
 ) -> Plan:
     """BatchNorm of ``x [N, C, *S]``: statistics per channel."""
-    shape = x.shape
-    view = (shape[0], shape[1], 1, _spatial(x))
+    view = (shape[0], shape[1], 1, _spatial(shape))
     return Plan("batch", view, False, True, batch_stats, eps, momentum, act, slope)
 
 
-def instance(x: Tensor, batch_stats: bool, eps: float, momentum: float = 0.0) -> Plan:
+@_by_shape
+def instance(shape: tuple[int, ...], batch_stats: bool, eps: float, momentum: float = 0.0) -> Plan:
     """InstanceNorm of ``x [N, C, *S]``: statistics per sample and channel (``batch_stats``
     False: normalized with given per-channel running statistics, as BatchNorm in eval)."""
-    shape = x.shape
-    view = (shape[0], shape[1], 1, _spatial(x))
+    view = (shape[0], shape[1], 1, _spatial(shape))
     return Plan("instance", view, batch_stats, True, batch_stats, eps, momentum)
 
 
+@_by_shape
 def group(
-    x: Tensor, num_groups: int, eps: float, act: str = "identity", slope: float = 0.0
+    shape: tuple[int, ...], num_groups: int, eps: float, act: str = "identity",
+    slope: float = 0.0,
 ) -> Plan:
     """GroupNorm of ``x [N, C, *S]``: statistics per sample over each group of channels."""
-    shape = x.shape
-    view = (shape[0], num_groups, shape[1] // num_groups, _spatial(x))
+    view = (shape[0], num_groups, shape[1] // num_groups, _spatial(shape))
     return Plan("group", view, True, True, True, eps, 0.0, act, slope)
 
 
-def _rows(x: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+def _rows(shape: tuple[int, ...], normalized_shape: tuple[int, ...]) -> tuple[int, ...]:
     features = math.prod(normalized_shape)
-    return (math.prod(x.shape[: x.dim() - len(normalized_shape)]), 1, features, 1)
+    return (math.prod(shape[: len(shape) - len(normalized_shape)]), 1, features, 1)
 
 
+@_by_shape
 def layer(
-    x: Tensor,
+    shape: tuple[int, ...],
     normalized_shape: tuple[int, ...],
     eps: float,
     act: str = "identity",
     slope: float = 0.0,
 ) -> Plan:
     """LayerNorm over the trailing ``normalized_shape`` dimensions of ``x``."""
-    return Plan("layer", _rows(x, normalized_shape), True, True, True, eps, 0.0, act, slope,
-                normalized_shape)
+    return Plan("layer", _rows(shape, normalized_shape), True, True, True, eps, 0.0, act,
+                slope, normalized_shape)
 
 
-def rms(x: Tensor, normalized_shape: tuple[int, ...], eps: float) -> Plan:
+@_by_shape
+def rms(shape: tuple[int, ...], normalized_shape: tuple[int, ...], eps: float) -> Plan:
     """RMSNorm over the trailing ``normalized_shape`` dimensions of ``x``: no centering."""
-    return Plan("rms", _rows(x, normalized_shape), True, False, True, eps, 0.0, "identity",
+    return Plan("rms", _rows(shape, normalized_shape), True, False, True, eps, 0.0, "identity",
                 0.0, normalized_shape)

@@ -91,6 +91,12 @@ class SyncBatchNorm(BatchNormBase):
         self._check_shape(input)
         if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
             _checks.check_values_per_channel(input)
+        elif not self.training and self.running_mean is None:  # batch statistics in eval
+            _checks.check_values_per_channel(input)
+        _checks.check_vectors(
+            input, self.num_features, "channels of input (dim 1)", weight=self.weight,
+            bias=self.bias, running_mean=self.running_mean, running_var=self.running_var,
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         frozen = self.freeze_stats and self.running_mean is not None  # same on every rank

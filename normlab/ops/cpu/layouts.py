@@ -171,20 +171,7 @@ def _rows_by_planes(x4: Tensor) -> bool:
     return x4.shape[2] == 1 and x4.shape[3] <= PLANES_MAX_ROW
 
 
-def _check_per_channel(x4: Tensor, per_sample: bool) -> None:
-    if not per_sample and x4.shape[2] != 1:
-        raise ValueError(
-            f"per-channel statistics need x4 [N, G, 1, S], got x4 of shape {tuple(x4.shape)}"
-        )
-
-
 _STEP_DTYPES = (torch.float32, torch.float64)
-
-
-def step_vector_ok(t: Tensor | None, size: tuple[int], dtype: torch.dtype) -> bool:
-    return t is None or (
-        t.dtype == dtype and t.shape == size and t.is_cpu and t.is_contiguous()
-    )
 
 
 # Axes that put the channels last, by rank: the cols layout's view of a channels-last

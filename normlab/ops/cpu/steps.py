@@ -32,7 +32,6 @@ from normlab.ops.cpu.layouts import (
     _pieces,
     _planes_block,
     _zero,
-    step_vector_ok,
 )
 from normlab.ops.cpu.runtime import supports, sync_threads
 from normlab.plan import Plan
@@ -52,6 +51,7 @@ def fused_code(plan: Plan, x: Tensor) -> int | None:
 
 
 def _plain_eager(x: Tensor) -> bool:
+    """Non-empty float32/float64 CPU input outside tracing and torch.func transforms."""
     return (
         x.dtype in _STEP_DTYPES
         and x.numel() > 0
@@ -59,6 +59,24 @@ def _plain_eager(x: Tensor) -> bool:
         and _library.eager(x)
         and not _library.composite_only(x)
     )
+
+
+def _run(
+    kernels: Any,
+    plan: Plan,
+    code: int | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    args: tuple,
+) -> Tensor:
+    """A step's ``kernels.forward`` (through ``StepFunction`` when gradients are needed),
+    then the plan's activation unless the kernels fused it (``code``)."""
+    if _library.needs_grad(x, weight, bias):
+        y = _library.StepFunction.apply(kernels, x, weight, bias, *args)
+    else:
+        y = kernels.forward(None, x, weight, bias, *args)
+    return y if code is not None else activation(y, plan.act, plan.slope)
 
 
 # --- BatchNorm training ------------------------------------------------------------------
@@ -182,8 +200,9 @@ def _train_backward(
 
 class BatchStep:
     """BatchNorm training in one call: non-empty float32/float64 CPU input in plain eager
-    mode, in a layout of :func:`_step_layout`, vectors ``[C]`` of its dtype (running
-    buffers not requiring grad)."""
+    mode, in a layout of :func:`_step_layout`, contiguous vectors (running buffers not
+    requiring grad). The functional layer has checked the arguments: vectors ``[C]`` on
+    the input's device, of its dtype (float32/float64 input takes no other)."""
 
     name = "cpu"
 
@@ -198,17 +217,14 @@ class BatchStep:
     ) -> bool:
         if plan.kind != "batch" or not plan.batch_stats or not _plain_eager(x):
             return False
-        code = fused_code(plan, x)
-        if _step_layout(x, code or 0) is None:
+        if _step_layout(x, fused_code(plan, x) or 0) is None:
             return False
-        size, dtype = (x.shape[1],), x.dtype
-        return (
-            step_vector_ok(weight, size, dtype)
-            and step_vector_ok(bias, size, dtype)
-            and step_vector_ok(running_mean, size, dtype)
-            and step_vector_ok(running_var, size, dtype)
-            and (running_mean is None
-                 or not (running_mean.requires_grad or running_var.requires_grad))
+        for vector in (weight, bias):
+            if vector is not None and not vector.is_contiguous():
+                return False
+        return running_mean is None or (
+            running_mean.is_contiguous() and running_var.is_contiguous()
+            and not (running_mean.requires_grad or running_var.requires_grad)
         )
 
     @staticmethod
@@ -224,11 +240,7 @@ class BatchStep:
         layout = _step_layout(x, code or 0)
         args = (running_mean, running_var, float(plan.momentum), float(plan.eps), code or 0,
                 float(plan.slope), layout)
-        if _library.needs_grad(x, weight, bias):
-            y = _library.StepFunction.apply(_BATCH, x, weight, bias, *args)
-        else:
-            y = _train_forward(None, x, weight, bias, *args)
-        return y if code is not None else activation(y, plan.act, plan.slope)
+        return _run(_BATCH, plan, code, x, weight, bias, args)
 
 
 class _BatchKernels:
@@ -368,11 +380,7 @@ class RowsStep:
         code = fused_code(plan, x)
         args = (n * groups, groups, groups * k, float(plan.eps), plan.center, code or 0,
                 float(plan.slope))
-        if _library.needs_grad(x, weight, bias):
-            y = _library.StepFunction.apply(_ROWS, x, weight, bias, *args)
-        else:
-            y = _rows_forward(None, x, weight, bias, *args)
-        return y if code is not None else activation(y, plan.act, plan.slope)
+        return _run(_ROWS, plan, code, x, weight, bias, args)
 
 
 class _RowsKernels:
