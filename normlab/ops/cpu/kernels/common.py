@@ -160,7 +160,7 @@ def _moments(v, shift, i, center, zero):
 # Activations fused into the kernels: the piecewise-linear ones, whose value and slope are
 # a compare and a select, so the loops still vectorize. silu and gelu need exp/erf, which
 # numba calls one value at a time (no vector math library: ~10-25 ns a value, 3-8x slower
-# than torch's vectorized ones): they are not fused (see normlab.ops.fused_act).
+# than torch's vectorized ones): they are not fused (docs/variants.md).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
 
 
