@@ -30,8 +30,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "ACTIVATIONS", "compute_dtype", "batch", "instance", "group", "layer",
-           "rms"]
+__all__ = ["Plan", "ACTIVATIONS", "KINDS", "compute_dtype", "batch", "instance", "group",
+           "layer", "rms"]
+
+KINDS = ("batch", "instance", "group", "layer", "rms")
 
 # Activations a plan may carry (the fused norm + activation layers); "elu" only for
 # InPlaceABN, which applies it itself.
@@ -90,10 +92,10 @@ def _by_shape(build: Callable[..., Plan]) -> Callable[..., Plan]:
     cached = functools.lru_cache(maxsize=512)(build)
 
     @functools.wraps(build)
-    def make(x: Tensor, *args: object) -> Plan:
+    def make(x: Tensor, *args: object, **kwargs: object) -> Plan:
         if torch.compiler.is_compiling():
-            return build(x.shape, *args)
-        return cached(x.shape, *args)
+            return build(x.shape, *args, **kwargs)
+        return cached(x.shape, *args, **kwargs)
 
     return make
 

@@ -36,6 +36,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -247,6 +248,108 @@ def _draw_frozen(ranks: tuple[int, ...]) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
+# The references (NumPy float64), one per family of layers
+# --------------------------------------------------------------------------------------------
+
+State = dict[str, np.ndarray | None]  # a layer's state dict, in float64
+# ``reference(case, state, x, eps)``: the output (before the activation) and the updated
+# running statistics from ``normlab.reference`` / ``reference_variants`` for one step of
+# ``case`` from ``state`` on ``x``. Each row of :data:`SPECS` names its layer's.
+Reference = Callable[[Case, State, np.ndarray, float], dict[str, np.ndarray]]
+
+
+def _np(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().double().numpy().copy()
+
+
+def _batch_norm_reference(case: Case, state: State, x: np.ndarray,
+                          eps: float) -> dict[str, np.ndarray]:
+    w, b = state.get("weight"), state.get("bias")
+    rm, rvar = state.get("running_mean"), state.get("running_var")
+    if not case.train and rm is not None:
+        return {"y": ref.batch_norm_eval(x, rm, rvar, w, b, eps)}
+    out = {"y": ref.batch_norm_forward(x, w, b, eps)}
+    if case.train and rm is not None:
+        mean, var, count = ref.batch_stats(x)
+        out["running_mean"], out["running_var"], _ = ref.update_running_stats(
+            rm, rvar, mean, var, count, case.kwargs.get("momentum", 0.1),
+            int(state["num_batches_tracked"]))
+    return out
+
+
+def _batch_renorm_reference(case: Case, state: State, x: np.ndarray,
+                            eps: float) -> dict[str, np.ndarray]:
+    """Batch Renorm in training with running statistics; else BatchNorm's."""
+    rm, kw = state.get("running_mean"), case.kwargs
+    if not case.train or rm is None:
+        return _batch_norm_reference(case, state, x, eps)
+    momentum = kw.get("momentum", 0.1)
+    m = momentum if momentum is not None else 1 / (int(state["num_batches_tracked"]) + 1)
+    y, mean, var = rv.batch_renorm_forward(x, rm, state.get("running_var"), state.get("weight"),
+                                           state.get("bias"), kw["rmax"], kw["dmax"], m, eps)
+    return {"y": y, "running_mean": mean, "running_var": var}
+
+
+def _ghost_batch_norm_reference(case: Case, state: State, x: np.ndarray,
+                                eps: float) -> dict[str, np.ndarray]:
+    """Ghost BatchNorm in training on more than one virtual batch; else BatchNorm's."""
+    kw = case.kwargs
+    size, momentum = kw["virtual_batch_size"], kw.get("momentum", 0.1)
+    if not case.train or x.shape[0] <= size:
+        return _batch_norm_reference(case, state, x, eps)
+    out = {"y": rv.ghost_batch_norm_forward(x, size, state.get("weight"), state.get("bias"),
+                                            eps)}
+    rm, rvar = state.get("running_mean"), state.get("running_var")
+    if rm is not None and momentum is not None:
+        out["running_mean"], out["running_var"] = rv.ghost_update_running_stats(
+            x, size, rm, rvar, momentum, kw["running_update"])
+    return out
+
+
+def _frozen_batch_norm_reference(case: Case, state: State, x: np.ndarray,
+                                 eps: float) -> dict[str, np.ndarray]:
+    w, b = state.get("weight"), state.get("bias")
+    ones = np.ones(case.args[0])
+    return {"y": rv.frozen_batch_norm(x, ones if w is None else w, 0 * ones if b is None else b,
+                                      state.get("running_mean"), state.get("running_var"), eps)}
+
+
+def _instance_norm_reference(spatial: int, case: Case, state: State, x: np.ndarray,
+                             eps: float) -> dict[str, np.ndarray]:
+    """InstanceNorm{spatial}d: its input without the batch dimension has ``spatial + 1`` dims."""
+    w, b = state.get("weight"), state.get("bias")
+    rm, rvar = state.get("running_mean"), state.get("running_var")
+    batched = x if x.ndim == spatial + 2 else x[None]
+    out: dict[str, np.ndarray] = {}
+    if not case.train and rm is not None:
+        y = ref.batch_norm_eval(batched, rm, rvar, w, b, eps)
+    else:
+        y = ref.instance_norm_forward(batched, w, b, eps)
+        if rm is not None:
+            out["running_mean"], out["running_var"] = ref.instance_norm_update_running_stats(
+                rm, rvar, batched, case.kwargs.get("momentum", 0.1))
+    out["y"] = y.reshape(x.shape)
+    return out
+
+
+def _group_norm_reference(case: Case, state: State, x: np.ndarray,
+                          eps: float) -> dict[str, np.ndarray]:
+    return {"y": ref.group_norm_forward(x, case.args[0], state.get("weight"), state.get("bias"),
+                                        eps)}
+
+
+def _layer_norm_reference(case: Case, state: State, x: np.ndarray,
+                          eps: float) -> dict[str, np.ndarray]:
+    return {"y": ref.layer_norm_forward(x, case.args[0], state.get("weight"), state.get("bias"),
+                                        eps)}
+
+
+def _rms_norm_reference(case: Case, state: State, x: np.ndarray,
+                        eps: float) -> dict[str, np.ndarray]:
+    return {"y": ref.rms_norm_forward(x, case.args[0], state.get("weight"), eps)}
+
+
+# --------------------------------------------------------------------------------------------
 # Torch twins: torch.nn's layer, or a composition of torch ops for the variants
 # --------------------------------------------------------------------------------------------
 
@@ -361,46 +464,55 @@ def _norm_twin(cls: type[nn.Module], *names: str) -> Callable[[Case], nn.Module]
 
 @dataclass(frozen=True)
 class Spec:
-    """How to draw a layer's configuration and build its torch twin; ``family`` names the
-    reference that computes it."""
+    """How to draw a layer's configuration, the NumPy reference that computes it and how to
+    build its torch twin; ``family`` names the kind of statistics (for the rounding model
+    and torch's quirks)."""
 
     family: str
     draw: Callable[[np.random.Generator], tuple[tuple, dict, tuple]]
+    reference: Reference
     twin: Callable[[Case], nn.Module] = _plain_twin
 
 
 SPECS: dict[str, Spec] = {
     # torch.nn has these
-    "BatchNorm1d": Spec("batch", _draw_batch((2, 3))),
-    "BatchNorm2d": Spec("batch", _draw_batch((4,))),
-    "BatchNorm3d": Spec("batch", _draw_batch((5,))),
-    "InstanceNorm1d": Spec("instance", _draw_instance(1)),
-    "InstanceNorm2d": Spec("instance", _draw_instance(2)),
-    "InstanceNorm3d": Spec("instance", _draw_instance(3)),
-    "GroupNorm": Spec("group", _draw_group(act=False)),
-    "LayerNorm": Spec("layer", _draw_trailing("layer")),
-    "RMSNorm": Spec("rms", _draw_trailing("rms")),
+    "BatchNorm1d": Spec("batch", _draw_batch((2, 3)), _batch_norm_reference),
+    "BatchNorm2d": Spec("batch", _draw_batch((4,)), _batch_norm_reference),
+    "BatchNorm3d": Spec("batch", _draw_batch((5,)), _batch_norm_reference),
+    "InstanceNorm1d": Spec("instance", _draw_instance(1), partial(_instance_norm_reference, 1)),
+    "InstanceNorm2d": Spec("instance", _draw_instance(2), partial(_instance_norm_reference, 2)),
+    "InstanceNorm3d": Spec("instance", _draw_instance(3), partial(_instance_norm_reference, 3)),
+    "GroupNorm": Spec("group", _draw_group(act=False), _group_norm_reference),
+    "LayerNorm": Spec("layer", _draw_trailing("layer"), _layer_norm_reference),
+    "RMSNorm": Spec("rms", _draw_trailing("rms"), _rms_norm_reference),
     # the variants, against torch compositions
-    "BatchNormAct1d": Spec("batch", _draw_batch((2, 3), _act), _bn_twin(_TorchBN)),
-    "BatchNormAct2d": Spec("batch", _draw_batch((4,), _act), _bn_twin(_TorchBN)),
-    "BatchNormAct3d": Spec("batch", _draw_batch((5,), _act), _bn_twin(_TorchBN)),
-    "GroupNormAct": Spec("group", _draw_group(act=True),
+    "BatchNormAct1d": Spec("batch", _draw_batch((2, 3), _act), _batch_norm_reference,
+                           _bn_twin(_TorchBN)),
+    "BatchNormAct2d": Spec("batch", _draw_batch((4,), _act), _batch_norm_reference,
+                           _bn_twin(_TorchBN)),
+    "BatchNormAct3d": Spec("batch", _draw_batch((5,), _act), _batch_norm_reference,
+                           _bn_twin(_TorchBN)),
+    "GroupNormAct": Spec("group", _draw_group(act=True), _group_norm_reference,
                          _norm_twin(nn.GroupNorm, "eps", "affine", "bias")),
-    "LayerNormAct": Spec("layer", _draw_trailing("act"),
+    "LayerNormAct": Spec("layer", _draw_trailing("act"), _layer_norm_reference,
                          _norm_twin(nn.LayerNorm, "eps", "elementwise_affine", "bias")),
-    "InPlaceABN": Spec("batch", _draw_batch((2, 3, 4, 5), _abn), _bn_twin(_TorchBN)),
-    "FrozenBatchNorm1d": Spec("frozen", _draw_frozen((2, 3)), _bn_twin(_TorchFrozen)),
-    "FrozenBatchNorm2d": Spec("frozen", _draw_frozen((4,)), _bn_twin(_TorchFrozen)),
-    "FrozenBatchNorm3d": Spec("frozen", _draw_frozen((5,)), _bn_twin(_TorchFrozen)),
-    "BatchRenorm1d": Spec("renorm", _draw_batch((2, 3), _renorm),
+    "InPlaceABN": Spec("batch", _draw_batch((2, 3, 4, 5), _abn), _batch_norm_reference,
+                       _bn_twin(_TorchBN)),
+    "FrozenBatchNorm1d": Spec("frozen", _draw_frozen((2, 3)), _frozen_batch_norm_reference,
+                              _bn_twin(_TorchFrozen)),
+    "FrozenBatchNorm2d": Spec("frozen", _draw_frozen((4,)), _frozen_batch_norm_reference,
+                              _bn_twin(_TorchFrozen)),
+    "FrozenBatchNorm3d": Spec("frozen", _draw_frozen((5,)), _frozen_batch_norm_reference,
+                              _bn_twin(_TorchFrozen)),
+    "BatchRenorm1d": Spec("renorm", _draw_batch((2, 3), _renorm), _batch_renorm_reference,
                           _bn_twin(_TorchRenorm, "rmax", "dmax")),
-    "BatchRenorm2d": Spec("renorm", _draw_batch((4,), _renorm),
+    "BatchRenorm2d": Spec("renorm", _draw_batch((4,), _renorm), _batch_renorm_reference,
                           _bn_twin(_TorchRenorm, "rmax", "dmax")),
-    "BatchRenorm3d": Spec("renorm", _draw_batch((5,), _renorm),
+    "BatchRenorm3d": Spec("renorm", _draw_batch((5,), _renorm), _batch_renorm_reference,
                           _bn_twin(_TorchRenorm, "rmax", "dmax")),
-    "GhostBatchNorm1d": Spec("ghost", _draw_batch((2, 3), _ghost),
+    "GhostBatchNorm1d": Spec("ghost", _draw_batch((2, 3), _ghost), _ghost_batch_norm_reference,
                              _bn_twin(_TorchGhost, "virtual_batch_size", "running_update")),
-    "GhostBatchNorm2d": Spec("ghost", _draw_batch((4,), _ghost),
+    "GhostBatchNorm2d": Spec("ghost", _draw_batch((4,), _ghost), _ghost_batch_norm_reference,
                              _bn_twin(_TorchGhost, "virtual_batch_size", "running_update")),
 }
 TWINNED = tuple(SPECS)[:9]
@@ -725,63 +837,8 @@ def _torch_may_refuse(case: Case, exc: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# The reference (NumPy float64), checked against the float64 truth
+# The reference, checked against the float64 truth
 # --------------------------------------------------------------------------------------------
-
-
-def _np(t: Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().double().numpy().copy()
-
-
-def reference(case: Case, state: dict[str, np.ndarray | None], x: np.ndarray,
-              eps: float) -> dict[str, np.ndarray]:
-    """Output (before the activation) and updated running statistics from
-    ``normlab.reference`` / ``reference_variants`` for one step from ``state``."""
-    family, kw = SPECS[case.layer].family, case.kwargs
-    w, b = state.get("weight"), state.get("bias")
-    rm, rvar = state.get("running_mean"), state.get("running_var")
-    momentum = kw.get("momentum", 0.1)
-    out: dict[str, np.ndarray] = {}
-    if family == "frozen":
-        ones = np.ones(case.args[0])
-        out["y"] = rv.frozen_batch_norm(x, ones if w is None else w, 0 * ones if b is None else b,
-                                        rm, rvar, eps)
-    elif family in ("batch", "renorm", "ghost"):
-        train = case.train
-        if not train and rm is not None:
-            out["y"] = ref.batch_norm_eval(x, rm, rvar, w, b, eps)
-        elif family == "renorm" and rm is not None:
-            m = momentum if momentum is not None else 1 / (int(state["num_batches_tracked"]) + 1)
-            out["y"], out["running_mean"], out["running_var"] = rv.batch_renorm_forward(
-                x, rm, rvar, w, b, kw["rmax"], kw["dmax"], m, eps)
-        elif family == "ghost" and train and x.shape[0] > kw["virtual_batch_size"]:
-            out["y"] = rv.ghost_batch_norm_forward(x, kw["virtual_batch_size"], w, b, eps)
-            if rm is not None and momentum is not None:
-                out["running_mean"], out["running_var"] = rv.ghost_update_running_stats(
-                    x, kw["virtual_batch_size"], rm, rvar, momentum, kw["running_update"])
-        else:
-            out["y"] = ref.batch_norm_forward(x, w, b, eps)
-            if train and rm is not None:
-                mean, var, count = ref.batch_stats(x)
-                out["running_mean"], out["running_var"], _ = ref.update_running_stats(
-                    rm, rvar, mean, var, count, momentum, int(state["num_batches_tracked"]))
-    elif family == "instance":
-        batched = x if x.ndim == int(case.layer[-2]) + 2 else x[None]
-        if not case.train and rm is not None:
-            y = ref.batch_norm_eval(batched, rm, rvar, w, b, eps)
-        else:
-            y = ref.instance_norm_forward(batched, w, b, eps)
-            if rm is not None:
-                out["running_mean"], out["running_var"] = (
-                    ref.instance_norm_update_running_stats(rm, rvar, batched, momentum))
-        out["y"] = y.reshape(x.shape)
-    elif family == "group":
-        out["y"] = ref.group_norm_forward(x, case.args[0], w, b, eps)
-    elif family == "layer":
-        out["y"] = ref.layer_norm_forward(x, case.args[0], w, b, eps)
-    else:
-        out["y"] = ref.rms_norm_forward(x, case.args[0], w, eps)
-    return out
 
 
 def _check_reference(case: Case, state: dict[str, np.ndarray | None], x: Tensor,
@@ -790,7 +847,7 @@ def _check_reference(case: Case, state: dict[str, np.ndarray | None], x: Tensor,
     """The float64 truth (torch) and the NumPy reference agree: the twin is the right one.
     ``natural``: the rounding allowed (torch's float64 is not exact either)."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a poisoned input
-        expected = reference(case, state, _np(x), eps)
+        expected = SPECS[case.layer].reference(case, state, _np(x), eps)
     got = {"y": pre, **{k: truth.values.get(k) for k in ("running_mean", "running_var")}}
     for key, value in expected.items():
         actual = _np(got[key])

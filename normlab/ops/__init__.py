@@ -1,7 +1,8 @@
 """Providers behind one interface, and the routing table that picks one per call.
 
-A **provider** (an entry of the table) implements :class:`Provider`: ``applies(plan, x,
-weight, bias, running_mean, running_var)`` says whether it runs that call of the plan
+A **provider** (an entry of the table) implements :class:`Provider`: ``kinds`` names the
+plan kinds it serves, ``applies(plan, x, weight, bias, running_mean, running_var)`` says
+whether it runs that call of the plan
 (``normlab.plan``), ``forward(...)`` runs it: the output ``act(xhat * weight + bias)`` in
 ``x``'s shape and, in training with running buffers, their update
 (``normlab.running``). Its ``name`` is the backend it belongs to: ``"cpu"`` (normlab's
@@ -41,6 +42,7 @@ class Provider(Protocol):
     """An entry of the routing table (see the module doc)."""
 
     name: str
+    kinds: frozenset[str]  # the plan kinds it may take ("batch", "instance", ...)
 
     def applies(
         self,
@@ -115,21 +117,21 @@ def _register_cpu() -> None:
 
 
 _register_cpu()
-# (device type, mode or batch_stats, backend) -> entries: filtered once.
-_FILTERED: dict[tuple[str, object, str], tuple[Provider, ...]] = {}
+# (device type, batch_stats, backend, plan kind) -> entries: filtered once.
+_FILTERED: dict[tuple[str, bool, str, str], tuple[Provider, ...]] = {}
 
 
-def routes(device_type: str, mode: str, backend: str = "auto") -> tuple[Provider, ...]:
+def routes(
+    device_type: str, mode: str, backend: str = "auto", kind: str | None = None
+) -> tuple[Provider, ...]:
     """The entries a call on ``device_type`` in ``mode`` (``"train"``, ``"eval"``) tries
-    under ``backend``, in order; the composite provider last."""
-    key = (device_type, mode, backend)
-    found = _FILTERED.get(key)
-    if found is None:
-        entries = _ROUTES.get((device_type, mode), ())
-        if backend != "auto":
-            entries = tuple(e for e in entries if e.name == backend)
-        found = _FILTERED[key] = (*entries, COMPOSITE)
-    return found
+    under ``backend`` (and for plans of ``kind``), in order; the composite provider last."""
+    entries = _ROUTES.get((device_type, mode), ())
+    if backend != "auto":
+        entries = tuple(e for e in entries if e.name == backend)
+    if kind is not None:
+        entries = tuple(e for e in entries if kind in e.kinds)
+    return (*entries, COMPOSITE)
 
 
 def route(
@@ -144,11 +146,11 @@ def route(
     """The provider that runs ``plan`` on these tensors: the first entry that applies."""
     name = requested() if backend is None else _check_choice(backend, "backend")
     device_type = "cpu" if x.is_cpu else x.device.type
-    entries = _FILTERED.get((device_type, plan.batch_stats, name))
+    key = (device_type, plan.batch_stats, name, plan.kind)
+    entries = _FILTERED.get(key)
     if entries is None:
-        entries = _FILTERED[device_type, plan.batch_stats, name] = routes(
-            device_type, "train" if plan.batch_stats else "eval", name
-        )
+        mode = "train" if plan.batch_stats else "eval"
+        entries = _FILTERED[key] = routes(device_type, mode, name, plan.kind)
     for entry in entries:
         if entry.applies(plan, x, weight, bias, running_mean, running_var):
             return entry

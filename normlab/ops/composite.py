@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn import functional as TF
 
 from normlab import running
-from normlab.plan import Plan, compute_dtype
+from normlab.plan import KINDS, Plan, compute_dtype
 
 NAME = "torch"
 
@@ -191,6 +191,7 @@ class Composite:
     SyncBatchNorm's split-phase pieces on any device."""
 
     name = NAME
+    kinds = frozenset(KINDS)
 
     @staticmethod
     def applies(plan: Plan, *tensors: Tensor | None) -> bool:

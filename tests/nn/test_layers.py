@@ -7,7 +7,9 @@ parameter gradients, buffers) then eval, on every backend and in float32/float64
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,9 +21,120 @@ import normlab
 from normlab import reference as ref
 
 
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().double().numpy()
+
+
+# The NumPy float64 references, one per kind of layer: ``reference(layer, xs, dys, w, b, eps)``
+# is the output, the gradients (``dbias`` always, as ``normlab.reference`` has it) and the new
+# running buffers of one forward/backward of ``layer`` (its state *before* the step) in its
+# current mode, on the float64 arrays ``xs``, ``dys``, ``w``, ``b``.
+Reference = Callable[..., dict[str, Any]]
+Array = np.ndarray
+Param = np.ndarray | None
+
+
+def _batch_or_running_stats(
+    layer: nn.Module,
+    xs: Array,
+    dys: Array,
+    w: Param,
+    b: Param,
+    eps: float,
+    fwd: Callable,
+    bwd: Callable,
+) -> dict[str, Any]:
+    """``fwd``/``bwd`` (statistics of the input) in training or without running statistics,
+    else the running statistics; no update of them."""
+    rm, rv = _np(layer.running_mean), _np(layer.running_var)
+    if layer.training or rm is None:
+        y = fwd(xs, w, b, eps)
+        dx, dw, db = bwd(dys, xs, w, eps)
+    else:
+        y = ref.batch_norm_eval(xs, rm, rv, w, b, eps)
+        dx, dw, db = ref.batch_norm_eval_backward(dys, xs, rm, rv, w, eps)
+    return {"y": y, "dx": dx, "dweight": dw, "dbias": db}
+
+
+def _batch_norm_reference(
+    layer: nn.Module, xs: Array, dys: Array, w: Param, b: Param, eps: float
+) -> dict[str, Any]:
+    out = _batch_or_running_stats(
+        layer, xs, dys, w, b, eps, ref.batch_norm_forward, ref.batch_norm_backward
+    )
+    rm, rv = _np(layer.running_mean), _np(layer.running_var)
+    if layer.training and rm is not None:
+        mean, var, count = ref.batch_stats(xs)
+        out["running_mean"], out["running_var"], out["num_batches_tracked"] = (
+            ref.update_running_stats(
+                rm, rv, mean, var, count, layer.momentum, int(layer.num_batches_tracked)
+            )
+        )
+    return out
+
+
+def _instance_norm_reference(
+    spatial: int, layer: nn.Module, xs: Array, dys: Array, w: Param, b: Param, eps: float
+) -> dict[str, Any]:
+    """InstanceNorm{spatial}d; its input without the batch dimension has ``spatial + 1`` dims."""
+    unbatched = xs.ndim == spatial + 1
+    if unbatched:
+        xs, dys = xs[None], dys[None]
+    out = _batch_or_running_stats(
+        layer, xs, dys, w, b, eps, ref.instance_norm_forward, ref.instance_norm_backward
+    )
+    rm, rv = _np(layer.running_mean), _np(layer.running_var)
+    if layer.training and rm is not None:
+        out["running_mean"], out["running_var"] = ref.instance_norm_update_running_stats(
+            rm, rv, xs, layer.momentum
+        )
+    if unbatched:
+        out["y"], out["dx"] = out["y"][0], out["dx"][0]
+    return out
+
+
+def _group_norm_reference(
+    layer: nn.Module, xs: Array, dys: Array, w: Param, b: Param, eps: float
+) -> dict[str, Any]:
+    y = ref.group_norm_forward(xs, layer.num_groups, w, b, eps)
+    dx, dw, db = ref.group_norm_backward(dys, xs, layer.num_groups, w, eps)
+    return {"y": y, "dx": dx, "dweight": dw, "dbias": db}
+
+
+def _layer_norm_reference(
+    layer: nn.Module, xs: Array, dys: Array, w: Param, b: Param, eps: float
+) -> dict[str, Any]:
+    y = ref.layer_norm_forward(xs, layer.normalized_shape, w, b, eps)
+    dx, dw, db = ref.layer_norm_backward(dys, xs, layer.normalized_shape, w, eps)
+    return {"y": y, "dx": dx, "dweight": dw, "dbias": db}
+
+
+def _rms_norm_reference(
+    layer: nn.Module, xs: Array, dys: Array, w: Param, b: Param, eps: float
+) -> dict[str, Any]:
+    y = ref.rms_norm_forward(xs, layer.normalized_shape, w, eps)
+    dx, dw = ref.rms_norm_backward(dys, xs, layer.normalized_shape, w, eps)
+    return {"y": y, "dx": dx, "dweight": dw, "dbias": None}
+
+
+# Each layer's reference, looked up once when a table row is built.
+REFERENCES: dict[str, Reference] = {
+    "BatchNorm1d": _batch_norm_reference,
+    "BatchNorm2d": _batch_norm_reference,
+    "BatchNorm3d": _batch_norm_reference,
+    "InstanceNorm1d": partial(_instance_norm_reference, 1),
+    "InstanceNorm2d": partial(_instance_norm_reference, 2),
+    "InstanceNorm3d": partial(_instance_norm_reference, 3),
+    "GroupNorm": _group_norm_reference,
+    "LayerNorm": _layer_norm_reference,
+    "RMSNorm": _rms_norm_reference,
+}
+
+
 @dataclass(frozen=True)
 class Case:
-    """One layer configuration: ``normlab.<layer>(*args, **kwargs)`` on inputs of ``shape``."""
+    """One layer configuration: ``normlab.<layer>(*args, **kwargs)`` on inputs of ``shape``,
+    checked against ``reference`` (the layer's entry of :data:`REFERENCES`)."""
 
     id: str
     layer: str
@@ -29,6 +142,10 @@ class Case:
     shape: tuple[int, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     memory_format: torch.memory_format = torch.contiguous_format
+    reference: Reference = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reference", REFERENCES[self.layer])
 
 
 CASES = [
@@ -117,62 +234,15 @@ def _randomize_affine(module: nn.Module, generator: torch.Generator) -> None:
                 )
 
 
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().double().numpy()
-
-
 def _reference_step(case: Case, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict:
-    """Output, gradients and new buffers from ``normlab.reference`` for one forward/backward
+    """Output, gradients and new buffers from the case's reference for one forward/backward
     of ``layer`` (its state *before* the step) in its current mode."""
-    xs, dys = _np(x), _np(dy)
     w, b = _np(getattr(layer, "weight", None)), _np(getattr(layer, "bias", None))
-    out: dict[str, Any] = {}
-    if case.layer.startswith(("BatchNorm", "InstanceNorm")):
-        # InstanceNorm{k}d input without the batch dimension has k + 1 dims.
-        unbatched = case.layer.startswith("Instance") and x.dim() == int(case.layer[-2]) + 1
-        if unbatched:
-            xs, dys = xs[None], dys[None]
-        rm, rv = _np(layer.running_mean), _np(layer.running_var)
-        is_bn = case.layer.startswith("Batch")
-        use_batch = layer.training or rm is None
-        if use_batch:
-            fwd, bwd = (
-                (ref.batch_norm_forward, ref.batch_norm_backward)
-                if is_bn
-                else (ref.instance_norm_forward, ref.instance_norm_backward)
-            )
-            y = fwd(xs, w, b, layer.eps)
-            dx, dw, db = bwd(dys, xs, w, layer.eps)
-        else:
-            y = ref.batch_norm_eval(xs, rm, rv, w, b, layer.eps)
-            dx, dw, db = ref.batch_norm_eval_backward(dys, xs, rm, rv, w, layer.eps)
-        if layer.training and rm is not None:
-            if is_bn:
-                mean, var, count = ref.batch_stats(xs)
-                out["running_mean"], out["running_var"], out["num_batches_tracked"] = (
-                    ref.update_running_stats(
-                        rm, rv, mean, var, count, layer.momentum, int(layer.num_batches_tracked)
-                    )
-                )
-            else:
-                out["running_mean"], out["running_var"] = ref.instance_norm_update_running_stats(
-                    rm, rv, xs, layer.momentum
-                )
-        if unbatched:
-            y, dx = y[0], dx[0]
-    elif case.layer == "GroupNorm":
-        y = ref.group_norm_forward(xs, layer.num_groups, w, b, layer.eps)
-        dx, dw, db = ref.group_norm_backward(dys, xs, layer.num_groups, w, layer.eps)
-    elif case.layer == "LayerNorm":
-        y = ref.layer_norm_forward(xs, layer.normalized_shape, w, b, layer.eps)
-        dx, dw, db = ref.layer_norm_backward(dys, xs, layer.normalized_shape, w, layer.eps)
-    else:
-        eps = layer.eps if layer.eps is not None else torch.finfo(x.dtype).eps
-        y = ref.rms_norm_forward(xs, layer.normalized_shape, w, eps)
-        dx, dw = ref.rms_norm_backward(dys, xs, layer.normalized_shape, w, eps)
-        db = None
+    # eps=None (RMSNorm's default) is torch's: the eps of the input's dtype.
+    eps = layer.eps if layer.eps is not None else torch.finfo(x.dtype).eps
+    out = case.reference(layer, _np(x), _np(dy), w, b, eps)
     # The reference always returns the gradient of a bias; a layer without one has none.
-    out.update(y=y, dx=dx, dweight=dw, dbias=None if b is None else db)
+    out["dbias"] = None if b is None else out["dbias"]
     return out
 
 

@@ -30,7 +30,7 @@ from normlab.ops.cpu.runtime import (
     sync_threads,
 )
 from normlab.ops.cpu.steps import FUSED_MIN_NUMEL, BatchStep, RowsStep
-from normlab.plan import Plan
+from normlab.plan import KINDS, Plan
 
 __all__ = [
     "ACT_CODES", "FORKED_CHILD_WARNING", "FUSED_MIN_NUMEL", "NAME", "PIECES", "ROUTES",
@@ -46,6 +46,7 @@ class General:
     mode): the kernels for every layout and dtype, float16/bfloat16 computed in float32."""
 
     name = NAME
+    kinds = frozenset(KINDS)
 
     @staticmethod
     def applies(plan: Plan, x: Tensor, *tensors: Tensor | None) -> bool:

@@ -57,6 +57,7 @@ class NativeEval:
     eval), on the input as it comes."""
 
     name = NAME
+    kinds = frozenset(("batch", "instance"))
 
     @staticmethod
     def applies(
@@ -94,6 +95,7 @@ class NativeNorm:
     crash above): float32/float64 with parameters of the input's dtype, non-empty."""
 
     name = NAME
+    kinds = frozenset(("layer", "group"))
 
     @staticmethod
     def applies(
@@ -105,10 +107,7 @@ class NativeNorm:
         running_var: Tensor | None = None,
     ) -> bool:
         kind = plan.kind
-        if kind == "layer":
-            if plan.view[2] == 1:
-                return False
-        elif kind != "group" or plan.view[2] == 1 or plan.view[3] <= 1:
+        if plan.view[2] == 1 or (kind == "group" and plan.view[3] <= 1):
             return False
         return (
             x.numel() > 0

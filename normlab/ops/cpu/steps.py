@@ -205,6 +205,7 @@ class BatchStep:
     the input's device, of its dtype (float32/float64 input takes no other)."""
 
     name = "cpu"
+    kinds = frozenset(("batch",))
 
     @staticmethod
     def applies(
@@ -215,7 +216,7 @@ class BatchStep:
         running_mean: Tensor | None,
         running_var: Tensor | None,
     ) -> bool:
-        if plan.kind != "batch" or not plan.batch_stats or not _plain_eager(x):
+        if not plan.batch_stats or not _plain_eager(x):
             return False
         if _step_layout(x, fused_code(plan, x) or 0) is None:
             return False
@@ -338,6 +339,7 @@ class RowsStep:
     general kernels (short rows: the planes kernels)."""
 
     name = "cpu"
+    kinds = frozenset(("group", "layer", "rms"))
 
     def __init__(self, fused_only: bool) -> None:
         self.fused_only = fused_only
@@ -351,12 +353,12 @@ class RowsStep:
         running_mean: Tensor | None = None,
         running_var: Tensor | None = None,
     ) -> bool:
-        if not plan.per_sample or plan.kind == "instance" or not x.is_contiguous():
-            return False
         if self.fused_only:
             if plan.act == "identity" or not fused_code(plan, x):
                 return False
         elif plan.kind == "group" and plan.view[2] == 1:
+            return False
+        if not x.is_contiguous():
             return False
         if not _plain_eager(x):
             return False
