@@ -131,16 +131,17 @@ def fits(input: object, shape: tuple[int, ...], *tensors: Tensor | None, at: int
     if input.layout != torch.strided:
         return False
     sizes = input.shape
-    if at < 0:
-        if sizes[len(sizes) - len(shape):] != shape:
+    if at >= 0 or len(shape) == 1:  # one dimension to compare: no slice
+        at = len(sizes) - 1 if at < 0 else at
+        if not 0 <= at < len(sizes) or sizes[at] != shape[0]:
             return False
-    elif len(sizes) <= at or sizes[at] != shape[0]:
+    elif sizes[len(sizes) - len(shape):] != shape:
         return False
-    dtype, device = input.dtype, input.device
+    dtype, on_cpu = input.dtype, input.is_cpu
     for value in tensors:
         if value is not None and not (
             type(value) in _TENSOR_TYPES and value.shape == shape and value.dtype == dtype
-            and value.device == device
+            and (value.is_cpu if on_cpu else value.device == input.device)
         ):
             return False
     return True

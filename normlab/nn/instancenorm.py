@@ -66,6 +66,20 @@ class InstanceNormBase(NormBase):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight"), params.get("bias")
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        use_input_stats = self.training or not self.track_running_stats
+        if (
+            input.dim() == self._spatial_dims + 2
+            and _checks.fits(input, (self.num_features,), weight, bias, running_mean,
+                             running_var, at=1)
+            and (input.numel() != input.shape[0] * input.shape[1] or not use_input_stats)
+        ):
+            return F._instance_norm(
+                input, running_mean, running_var, weight, bias, use_input_stats,
+                0.0 if self.momentum is None else self.momentum, self.eps,
+            )
         _checks.check_tensor(input)
         _checks.check_dim(input, (self._spatial_dims + 1, self._spatial_dims + 2))
         unbatched = input.dim() == self._spatial_dims + 1

@@ -190,11 +190,17 @@ _ENV_STORE = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
 
 
+# How many use_backend blocks are open in any thread: with none, no thread-local lookup.
+_open_blocks = 0
+_blocks_lock = threading.Lock()
+
+
 def requested() -> str:
     """The backend asked for by context manager or environment (``"auto"`` if none)."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    if _open_blocks:
+        stack = getattr(_local, "stack", None)
+        if stack:
+            return stack[-1]
     if _ENV_STORE is not None and _ENV_KEY not in _ENV_STORE:
         return "auto"
     env = os.environ.get(ENV_VAR)
@@ -207,10 +213,15 @@ def requested() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed normlab calls on backend ``name`` (``"auto"``, ``"cpu"``, ``"torch"``)."""
+    global _open_blocks
     _check_choice(name, "backend")
     stack = _local.__dict__.setdefault("stack", [])
     stack.append(name)
+    with _blocks_lock:
+        _open_blocks += 1
     try:
         yield
     finally:
         stack.pop()
+        with _blocks_lock:
+            _open_blocks -= 1

@@ -179,7 +179,7 @@ def supports(x: Tensor) -> bool:
         x.is_cpu
         and x.dtype in _DTYPES
         and x.layout == torch.strided
-        and not declines_forked_child()
+        and not (_in_forked_child and declines_forked_child())
     )
 
 
