@@ -8,6 +8,7 @@ synchronized), a functional API, a readable NumPy float64 reference
 """
 
 from normlab import functional, inspect, tools
+from normlab.functional import lengths_to_mask
 from normlab.nn import *  # noqa: F403 - the layers are the package's public face
 from normlab.nn import __all__ as _layers
 from normlab.ops import available as available_backends
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_layers,
     "functional",
+    "lengths_to_mask",
     "inspect",
     "tools",
     "use_backend",

@@ -160,16 +160,48 @@ def check_vectors(input: Tensor, size: int, what: str, **vectors: Tensor | None)
         check_vector(value, name, size, what, input)
 
 
+def check_mask(input: Tensor, mask: object) -> Tensor:
+    """A validity mask for ``input [N, C, *S]``: a bool tensor on its device, broadcastable
+    to ``[N, *S]`` (no channel dimension); returned broadcast to that shape."""
+    expected = (input.shape[0], *input.shape[2:])
+    where = f"mask must be a bool tensor broadcastable to [N, *S] = {list(expected)}"
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"{where}, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{where}, got dtype {mask.dtype} (use mask.bool() or x != pad)")
+    if mask.device != input.device:
+        raise ValueError(f"{where} on input's device {input.device}, got device {mask.device}")
+    if mask.dim() != len(expected):
+        raise ValueError(f"{where} (input without its channel dim), got shape {list(mask.shape)}")
+    try:
+        return mask.broadcast_to(expected)
+    except RuntimeError:
+        raise ValueError(f"{where}, got shape {list(mask.shape)}") from None
+
+
+def valid_per_channel(input: Tensor, mask: Tensor | None) -> int:
+    """Values behind each channel's statistics: ``N * prod(S)``, or the mask's valid ones."""
+    if mask is None:
+        return input.numel() // input.shape[1] if input.shape[1] else 0
+    return int(mask.sum())
+
+
 def one_value_per_channel(input: Tensor) -> bool:
     """Whether a non-empty ``[N, C, *S]`` batch holds a single value per channel."""
     return input.numel() > 0 and input.numel() // input.shape[1] == 1
 
 
-def check_values_per_channel(input: Tensor) -> None:
-    """BatchNorm training needs more than one value per channel (torch's condition)."""
-    if one_value_per_channel(input):
+def check_values_per_channel(input: Tensor, mask: Tensor | None = None) -> None:
+    """BatchNorm training needs more than one value per channel (torch's condition; with a
+    ``mask``, more than one valid position)."""
+    if mask is None and one_value_per_channel(input):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if mask is not None and valid_per_channel(input, mask) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{input.size()} with 1 valid position in mask"
         )
 
 

@@ -27,8 +27,24 @@ from normlab.plan import ACTIVATIONS
 
 __all__ = [
     "ACTIVATIONS", "activation", "batch_norm", "check_activation", "group_norm",
-    "instance_norm", "layer_norm", "rms_norm", "stats_and_output",
+    "instance_norm", "layer_norm", "lengths_to_mask", "rms_norm", "stats_and_output",
 ]
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
+    """``[N, max_len]`` bool mask of padded sequences: ``mask[n, t] = t < lengths[n]``
+    (``max_len`` defaults to the longest). For ``BatchNorm1d(x [N, C, L], mask=...)``."""
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
+        raise ValueError(f"lengths must be a 1-d integer tensor, got {lengths!r}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_len is None:
+        max_len = longest
+    if longest > max_len or (lengths.numel() and int(lengths.min()) < 0):
+        raise ValueError(
+            f"max_len ({max_len}) must be at least every length, and lengths >= 0, got "
+            f"lengths from {int(lengths.min())} to {longest}"
+        )
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
 
 
 def check_activation(act: str, slope: float = 0.01) -> tuple[str, float]:
@@ -48,8 +64,11 @@ def _run(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     backend: str | None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     provider = ops.route(p, input, weight, bias, running_mean, running_var, backend)
+    if p.masked:
+        return provider.forward(p, input, weight, bias, running_mean, running_var, mask=mask)
     return provider.forward(p, input, weight, bias, running_mean, running_var)
 
 
@@ -110,6 +129,7 @@ def batch_norm(
     *,
     act: str = "identity",
     slope: float = 0.01,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Batch Normalization of ``input [N, C, *S]`` with statistics per channel, then the
@@ -119,17 +139,24 @@ def batch_norm(
     biased variance over ``(N, *S)`` and, when given, updates ``running_mean`` /
     ``running_var`` in place (``momentum`` is the weight of the new batch: Keras'
     ``momentum=0.99`` is ``momentum=0.01`` here). Otherwise it uses the running ones.
+
+    ``mask`` (bool, broadcastable to ``[N, *S]``, ``True`` = valid): the batch statistics
+    and the running update use the valid positions only (the unbiased variance over their
+    count); the output is computed at every position. A batch with no valid position
+    records nothing. Ignored when normalizing with the running statistics.
     """
     _check_per_channel_args(
         input, 2, running_mean, running_var, weight, bias, momentum, eps,
         needs_running=None if training else "training=False",
     )
     act, slope = check_activation(act, slope)
+    if mask is not None:
+        mask = _checks.check_mask(input, mask)
     if training:
-        _checks.check_values_per_channel(input)
+        _checks.check_values_per_channel(input, mask)
     return _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, act, slope,
-        backend,
+        backend, mask,
     )
 
 
@@ -145,9 +172,10 @@ def _batch_norm(
     act: str = "identity",
     slope: float = 0.0,
     backend: str | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    p = plan.batch(input, batch_stats, eps, momentum, act, slope)
-    return _run(p, input, weight, bias, running_mean, running_var, backend)
+    p = plan.batch(input, batch_stats, eps, momentum, act, slope, mask is not None)
+    return _run(p, input, weight, bias, running_mean, running_var, backend, mask)
 
 
 def stats_and_output(

@@ -51,7 +51,8 @@ class Plan(NamedTuple):
     per channel, ``center`` (False: RMS), ``batch_stats`` (normalize with the input's own
     statistics; False: with given running ones), ``eps``, ``momentum`` (the new batch's
     weight in the running average), the fused activation ``act`` and its ``slope``, and
-    (LayerNorm, RMSNorm) the ``trailing`` normalized shape."""
+    (LayerNorm, RMSNorm) the ``trailing`` normalized shape; ``masked``: statistics over
+    the valid positions of a mask given with the call."""
 
     kind: str
     view: tuple[int, int, int, int]
@@ -63,6 +64,7 @@ class Plan(NamedTuple):
     act: str = "identity"
     slope: float = 0.0
     trailing: tuple[int, ...] = ()
+    masked: bool = False
 
     @property
     def values(self) -> int:
@@ -79,6 +81,10 @@ class Plan(NamedTuple):
         """``t`` (the input, its gradient, an output) as ``[N, G, K, S]``, a view where
         its strides allow."""
         return t.reshape(self.view)
+
+    def mask4(self, mask: Tensor) -> Tensor:
+        """A validity mask broadcast to ``[N, *S]`` as ``[N, 1, 1, S]``."""
+        return mask.reshape(self.view[0], 1, 1, self.view[3])
 
     def flat(self, param: Tensor | None) -> Tensor | None:
         """An affine parameter as ``[G*K]``."""
@@ -112,10 +118,13 @@ def batch(
     momentum: float = 0.0,
     act: str = "identity",
     slope: float = 0.0,
+    masked: bool = False,
 ) -> Plan:
-    """BatchNorm of ``x [N, C, *S]``: statistics per channel."""
+    """BatchNorm of ``x [N, C, *S]``: statistics per channel (over the valid positions of
+    a mask if ``masked``)."""
     view = (shape[0], shape[1], 1, _spatial(shape))
-    return Plan("batch", view, False, True, batch_stats, eps, momentum, act, slope)
+    return Plan("batch", view, False, True, batch_stats, eps, momentum, act, slope, (),
+                masked and batch_stats)
 
 
 @_by_shape

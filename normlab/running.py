@@ -100,18 +100,21 @@ def record(
     batch_mean: Tensor,
     batch_var: Tensor,
     kernel: UpdateKernel | None = None,
+    count: int | None = None,
 ) -> None:
     """The running update after a training call of ``plan`` with batch statistics
     ``[C]`` (BatchNorm) or ``[N, C]`` (InstanceNorm: torch averages each instance's
     statistics over the batch; the Bessel factor ``S / (S - 1)`` is the same for every
-    instance, so averaging the biased variances and correcting once is the same thing)."""
+    instance, so averaging the biased variances and correcting once is the same thing).
+    ``count``: the values behind each statistic when not the plan's (a masked batch's
+    valid positions; 0 records nothing)."""
     if plan.per_sample:
         if plan.view[0] == 0:
             return
         batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
     update_running_stats(
-        running_mean, running_var, batch_mean, batch_var, plan.values, plan.momentum,
-        kernel=kernel,
+        running_mean, running_var, batch_mean, batch_var,
+        plan.values if count is None else count, plan.momentum, kernel=kernel,
     )
 
 

@@ -62,18 +62,26 @@ class BatchNormBase(NormBase):
             )
         self.small_batch = small_batch
 
-    def _stats_frozen(self, input: Tensor) -> bool:
+    @staticmethod
+    def _one_value(input: Tensor, mask: Tensor | None = None) -> bool:
+        """Whether the batch holds one value per channel (one valid position if masked)."""
+        if mask is None:
+            return _checks.one_value_per_channel(input)
+        return _checks.valid_per_channel(input, mask) == 1
+
+    def _stats_frozen(self, input: Tensor, mask: Tensor | None = None) -> bool:
         """Whether this training step normalizes with the running statistics, untouched."""
         if not (self.training and self._buffers.get("running_mean") is not None):
             return False
         return self.freeze_stats or (
-            self.small_batch == "running" and _checks.one_value_per_channel(input)
+            self.small_batch == "running" and self._one_value(input, mask)
         )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        """Everything that can reject ``input``, checked before any buffer changes."""
+    def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> Tensor | None:
+        """Everything that can reject ``input`` (and ``mask``), checked before any buffer
+        changes; returns the mask broadcast to ``[N, *S]``."""
         params, buffers = self._parameters, self._buffers
-        if (
+        if mask is None and (
             _checks.fits(
                 input, (self.num_features,), params.get("weight"), params.get("bias"),
                 buffers.get("running_mean"), buffers.get("running_var"), at=1,
@@ -81,7 +89,7 @@ class BatchNormBase(NormBase):
             and input.dim() in self._allowed_dims
             and (input.numel() != input.shape[1] or input.numel() == 0)  # not one value each
         ):
-            return
+            return None
         _checks.check_tensor(input)
         _checks.check_dim(input, self._allowed_dims)
         if input.shape[1] != self.num_features:
@@ -89,10 +97,13 @@ class BatchNormBase(NormBase):
                 f"expected input with num_features={self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
-        if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
-            _checks.check_values_per_channel(input)
+        if mask is not None:
+            mask = _checks.check_mask(input, mask)
+        frozen = self._stats_frozen(input, mask)
+        if self.training and self.small_batch != "skip_update" and not frozen:
+            _checks.check_values_per_channel(input, mask)
         elif not self.training and self._buffers.get("running_mean") is None:  # batch stats
-            _checks.check_values_per_channel(input)
+            _checks.check_values_per_channel(input, mask)
         # The layer's own tensors too (one reassigned with the wrong shape, device or
         # dtype), worded as the functional API words them: before any state moves.
         _checks.check_vectors(
@@ -100,6 +111,7 @@ class BatchNormBase(NormBase):
             weight=params.get("weight"), bias=params.get("bias"),
             running_mean=buffers.get("running_mean"), running_var=buffers.get("running_var"),
         )
+        return mask
 
     def _average_factor(self) -> float:
         """Counts the batch (in training) and returns the running-average weight of it;
@@ -111,26 +123,36 @@ class BatchNormBase(NormBase):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
-    def _step(self, input: Tensor) -> tuple[bool, Tensor | None, Tensor | None, float]:
+    def _step(
+        self, input: Tensor, mask: Tensor | None = None
+    ) -> tuple[bool, Tensor | None, Tensor | None, float]:
         """``(batch_stats, running_mean, running_var, momentum)`` of this call, the batch
         counted where it will be recorded; after :meth:`_check_input_dim`."""
         buffers = self._buffers
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         if not self.training:
             return running_mean is None, running_mean, running_var, 0.0
-        if self._stats_frozen(input):
+        if self._stats_frozen(input, mask):
             return False, running_mean, running_var, 0.0
-        if not self.track_running_stats or _checks.one_value_per_channel(input):
-            return True, None, None, 0.0  # one value per channel: small_batch="skip_update"
+        if (
+            not self.track_running_stats
+            or self._one_value(input, mask)  # small_batch="skip_update"
+            or (mask is not None and not bool(mask.any()))  # all padding: records nothing
+        ):
+            return True, None, None, 0.0
         return True, running_mean, running_var, self._average_factor()
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        batch_stats, running_mean, running_var, momentum = self._step(input)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input [N, C, *S]``; ``mask`` (bool, broadcastable to ``[N, *S]``,
+        ``True`` = valid) restricts the batch statistics and the running update to the
+        valid positions (``normlab.functional.batch_norm``)."""
+        mask = self._check_input_dim(input, mask)
+        batch_stats, running_mean, running_var, momentum = self._step(input, mask)
         params = self._parameters
         return F._batch_norm(
-            input, running_mean, running_var, params.get("weight"), params.get("bias"), batch_stats,
-            momentum, self.eps, self.act, self.slope,
+            input, running_mean, running_var, params.get("weight"), params.get("bias"),
+            batch_stats, momentum, self.eps, self.act, self.slope, None,
+            mask if batch_stats else None,
         )
 
 

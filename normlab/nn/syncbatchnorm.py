@@ -86,8 +86,9 @@ class SyncBatchNorm(BatchNormBase):
                 f"got input of shape {tuple(input.shape)}"
             )
 
-    def _check_input_dim(self, input: Tensor) -> None:
+    def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> None:
         # The single-process path (BatchNormBase.forward): any rank >= 2, local batch rules.
+        # (forward takes no mask yet: the synchronized masked statistics are to come.)
         self._check_shape(input)
         if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
             _checks.check_values_per_channel(input)

@@ -62,7 +62,9 @@ class Provider(Protocol):
         bias: Tensor | None,
         running_mean: Tensor | None,
         running_var: Tensor | None,
-    ) -> Tensor: ...
+    ) -> Tensor:
+        """The output; a provider with ``masks = True`` also takes ``mask=`` (bool
+        ``[N, *S]``) for plans with ``masked`` set."""
 
 
 class Pieces(Protocol):
@@ -117,20 +119,24 @@ def _register_cpu() -> None:
 
 
 _register_cpu()
-# (device type, batch_stats, backend, plan kind) -> entries: filtered once.
-_FILTERED: dict[tuple[str, bool, str, str], tuple[Provider, ...]] = {}
+# (device type, batch_stats, backend, plan kind, masked) -> entries: filtered once.
+_FILTERED: dict[tuple[str, bool, str, str, bool], tuple[Provider, ...]] = {}
 
 
 def routes(
-    device_type: str, mode: str, backend: str = "auto", kind: str | None = None
+    device_type: str, mode: str, backend: str = "auto", kind: str | None = None,
+    masked: bool = False,
 ) -> tuple[Provider, ...]:
     """The entries a call on ``device_type`` in ``mode`` (``"train"``, ``"eval"``) tries
-    under ``backend`` (and for plans of ``kind``), in order; the composite provider last."""
+    under ``backend`` (and for plans of ``kind``, ``masked`` ones: the entries that say
+    ``masks = True``), in order; the composite provider last."""
     entries = _ROUTES.get((device_type, mode), ())
     if backend != "auto":
         entries = tuple(e for e in entries if e.name == backend)
     if kind is not None:
         entries = tuple(e for e in entries if kind in e.kinds)
+    if masked:
+        entries = tuple(e for e in entries if getattr(e, "masks", False))
     return (*entries, COMPOSITE)
 
 
@@ -146,11 +152,11 @@ def route(
     """The provider that runs ``plan`` on these tensors: the first entry that applies."""
     name = requested() if backend is None else _check_choice(backend, "backend")
     device_type = "cpu" if x.is_cpu else x.device.type
-    key = (device_type, plan.batch_stats, name, plan.kind)
+    key = (device_type, plan.batch_stats, name, plan.kind, plan.masked)
     entries = _FILTERED.get(key)
     if entries is None:
         mode = "train" if plan.batch_stats else "eval"
-        entries = _FILTERED[key] = routes(device_type, mode, name, plan.kind)
+        entries = _FILTERED[key] = routes(device_type, mode, name, plan.kind, plan.masked)
     for entry in entries:
         if entry.applies(plan, x, weight, bias, running_mean, running_var):
             return entry

@@ -50,16 +50,21 @@ def run(
     train: object,
     given: object,
     update: running.UpdateKernel | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """A plan on the ``x4`` view with a provider's ``train`` (``normalize``) and ``given``
-    (``normalize_with_stats``) functions: output, running update, activation."""
+    (``normalize_with_stats``) functions: output, running update, activation. ``mask``
+    (bool ``[N, *S]``, already broadcast; composite ``train`` only) restricts the
+    statistics to the valid positions."""
     x4, weight, bias = plan.x4(x), plan.flat(weight), plan.flat(bias)
     if plan.batch_stats:
-        y4, mean, var = train(
-            x4, weight, bias, per_sample=plan.per_sample, center=plan.center, eps=plan.eps
-        )
+        stats_of = {"per_sample": plan.per_sample, "center": plan.center, "eps": plan.eps}
+        if mask is not None:
+            stats_of["mask4"] = plan.mask4(mask)
+        y4, mean, var = train(x4, weight, bias, **stats_of)
         if running_mean is not None:
-            running.record(plan, running_mean, running_var, mean, var, update)
+            count = None if mask is None else int(mask.sum())  # valid values per channel
+            running.record(plan, running_mean, running_var, mean, var, update, count)
     else:
         y4 = given(x4, running_mean, running_var, weight, bias, eps=plan.eps)
     return activation(y4.reshape(x.shape), plan.act, plan.slope)
@@ -95,15 +100,21 @@ def normalize(
     per_sample: bool,
     center: bool,
     eps: float,
+    mask4: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Train-mode normalization of ``x4 [N, G, K, S]`` with its own statistics.
 
     Returns ``(y4, mean, var)``: ``y4`` has ``x4``'s shape and dtype; ``mean`` and the
     biased ``var`` (mean of squares when ``center=False``) are ``[G]`` or ``[N, G]`` in
-    the compute dtype.
+    the compute dtype. With ``mask4`` (bool ``[N, 1, 1, S]``, ``True`` = valid) the
+    statistics are over the valid positions only and the output is made everywhere; a
+    statistic with no valid position gives ``xhat = 0`` (the output is ``bias``).
     """
     xc = x4.to(compute_dtype(x4.dtype))
     dims = _reduce_dims(per_sample)
+    if mask4 is not None:
+        return _masked_normalize(xc, mask4, weight, bias, dims, per_sample, center, eps,
+                                 x4.dtype)
     if xc.numel() == 0:
         # No elements to average: statistics are undefined (NaN), output is empty.
         shape = _stat_shape(x4, per_sample)
@@ -120,6 +131,30 @@ def normalize(
         mean = torch.zeros_like(var)
         xhat = xc * _broadcast_stats(torch.rsqrt(var + eps), per_sample)
     return _affine(xhat, weight, bias).to(x4.dtype), mean, var
+
+
+def _masked_normalize(
+    xc: Tensor,
+    mask4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    per_sample: bool,
+    center: bool,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`normalize` over the valid positions of ``mask4``: padding adds nothing to the
+    statistics, so its gradient is only through its own output."""
+    valid = mask4.to(xc.dtype).expand_as(xc)
+    count = valid.sum(dim=dims)
+    per = count.clamp_min(1)
+    mean = (xc * valid).sum(dim=dims) / per if center else torch.zeros_like(count)
+    centred = xc - _broadcast_stats(mean, per_sample)
+    var = (centred * valid).square().sum(dim=dims) / per
+    rstd = torch.where(count > 0, torch.rsqrt(var + eps), torch.zeros_like(var))
+    xhat = centred * _broadcast_stats(rstd, per_sample)
+    return _affine(xhat, weight, bias).to(dtype), mean, var
 
 
 def normalize_with_stats(
@@ -192,6 +227,7 @@ class Composite:
 
     name = NAME
     kinds = frozenset(KINDS)
+    masks = True  # takes masked plans (the statistics over valid positions)
 
     @staticmethod
     def applies(plan: Plan, *tensors: Tensor | None) -> bool:
@@ -205,9 +241,10 @@ class Composite:
         bias: Tensor | None,
         running_mean: Tensor | None,
         running_var: Tensor | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         return run(plan, x, weight, bias, running_mean, running_var, normalize,
-                   normalize_with_stats)
+                   normalize_with_stats, mask=mask)
 
     normalize = staticmethod(normalize)
     normalize_with_stats = staticmethod(normalize_with_stats)
