@@ -66,10 +66,8 @@ def _run(
     backend: str | None,
     mask: Tensor | None = None,
 ) -> Tensor:
-    provider = ops.route(p, input, weight, bias, running_mean, running_var, backend)
-    if p.masked:
-        return provider.forward(p, input, weight, bias, running_mean, running_var, mask=mask)
-    return provider.forward(p, input, weight, bias, running_mean, running_var)
+    call = plan.Call(input, weight, bias, running_mean, running_var, mask)
+    return ops.route(p, call, backend).forward(p, call)
 
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")

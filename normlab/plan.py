@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "ACTIVATIONS", "KINDS", "compute_dtype", "batch", "instance", "group",
+__all__ = ["Plan", "Call", "ACTIVATIONS", "KINDS", "compute_dtype", "batch", "instance", "group",
            "layer", "rms"]
 
 KINDS = ("batch", "instance", "group", "layer", "rms")
@@ -89,6 +89,19 @@ class Plan(NamedTuple):
     def flat(self, param: Tensor | None) -> Tensor | None:
         """An affine parameter as ``[G*K]``."""
         return param if param is None or param.dim() == 1 else param.reshape(self.features)
+
+
+class Call(NamedTuple):
+    """The tensors of one call, as the functional layer checked them: the input ``x``, the
+    affine parameters, the running buffers and, for a masked plan, the validity ``mask``
+    broadcast to ``[N, *S]``."""
+
+    x: Tensor
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
+    mask: Tensor | None = None
 
 
 def _by_shape(build: Callable[..., Plan]) -> Callable[..., Plan]:

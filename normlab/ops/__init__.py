@@ -1,8 +1,8 @@
 """Providers behind one interface, and the routing table that picks one per call.
 
 A **provider** (an entry of the table) implements :class:`Provider`: ``kinds`` names the
-plan kinds it serves, ``applies(plan, x, weight, bias, running_mean, running_var)`` says
-whether it runs that call of the plan
+plan kinds it serves, ``applies(plan, call)`` says whether it runs that call (the
+tensors, ``normlab.plan.Call``) of the plan
 (``normlab.plan``), ``forward(...)`` runs it: the output ``act(xhat * weight + bias)`` in
 ``x``'s shape and, in training with running buffers, their update
 (``normlab.running``). Its ``name`` is the backend it belongs to: ``"cpu"`` (normlab's
@@ -32,7 +32,7 @@ from typing import Protocol
 from torch import Tensor
 
 from normlab.ops.composite import PROVIDER as COMPOSITE
-from normlab.plan import Plan
+from normlab.plan import Call, Plan
 
 CHOICES = ("auto", "cpu", "torch")
 ENV_VAR = "NORMLAB_BACKEND"
@@ -44,27 +44,11 @@ class Provider(Protocol):
     name: str
     kinds: frozenset[str]  # the plan kinds it may take ("batch", "instance", ...)
 
-    def applies(
-        self,
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> bool: ...
+    def applies(self, plan: Plan, call: Call) -> bool: ...
 
-    def forward(
-        self,
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> Tensor:
-        """The output; a provider with ``masks = True`` also takes ``mask=`` (bool
-        ``[N, *S]``) for plans with ``masked`` set."""
+    def forward(self, plan: Plan, call: Call) -> Tensor:
+        """The output (a provider with ``masks = True`` also runs plans with ``masked``
+        set, the mask in ``call.mask``)."""
 
 
 class Pieces(Protocol):
@@ -140,17 +124,10 @@ def routes(
     return (*entries, COMPOSITE)
 
 
-def route(
-    plan: Plan,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    backend: str | None = None,
-) -> Provider:
-    """The provider that runs ``plan`` on these tensors: the first entry that applies."""
+def route(plan: Plan, call: Call, backend: str | None = None) -> Provider:
+    """The provider that runs ``plan`` on ``call``'s tensors: the first entry that applies."""
     name = requested() if backend is None else _check_choice(backend, "backend")
+    x = call.x
     device_type = "cpu" if x.is_cpu else x.device.type
     key = (device_type, plan.batch_stats, name, plan.kind, plan.masked)
     entries = _FILTERED.get(key)
@@ -158,7 +135,7 @@ def route(
         mode = "train" if plan.batch_stats else "eval"
         entries = _FILTERED[key] = routes(device_type, mode, name, plan.kind, plan.masked)
     for entry in entries:
-        if entry.applies(plan, x, weight, bias, running_mean, running_var):
+        if entry.applies(plan, call):
             return entry
     raise AssertionError("the composite provider applies to every call")  # pragma: no cover
 

@@ -11,12 +11,14 @@ affine parameters are ``[G*K]``, broadcast as ``(1, G, K, 1)``; statistics are p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
 from normlab import running
-from normlab.plan import KINDS, Plan, compute_dtype
+from normlab.plan import KINDS, Call, Plan, compute_dtype
 
 NAME = "torch"
 
@@ -42,28 +44,23 @@ def activation(x: Tensor, act: str, slope: float) -> Tensor:
 
 def run(
     plan: Plan,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    train: object,
-    given: object,
+    call: Call,
+    train: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    given: Callable[..., Tensor],
     update: running.UpdateKernel | None = None,
-    mask: Tensor | None = None,
 ) -> Tensor:
     """A plan on the ``x4`` view with a provider's ``train`` (``normalize``) and ``given``
-    (``normalize_with_stats``) functions: output, running update, activation. ``mask``
-    (bool ``[N, *S]``, already broadcast; composite ``train`` only) restricts the
-    statistics to the valid positions."""
-    x4, weight, bias = plan.x4(x), plan.flat(weight), plan.flat(bias)
+    (``normalize_with_stats``) functions: output, running update, activation. A masked
+    plan's statistics are over ``call.mask``'s valid positions (composite ``train``)."""
+    x, _, _, running_mean, running_var, mask = call
+    x4, weight, bias = plan.x4(x), plan.flat(call.weight), plan.flat(call.bias)
     if plan.batch_stats:
         stats_of = {"per_sample": plan.per_sample, "center": plan.center, "eps": plan.eps}
-        if mask is not None:
+        if plan.masked:
             stats_of["mask4"] = plan.mask4(mask)
         y4, mean, var = train(x4, weight, bias, **stats_of)
         if running_mean is not None:
-            count = None if mask is None else int(mask.sum())  # valid values per channel
+            count = int(mask.sum()) if plan.masked else None  # valid values per channel
             running.record(plan, running_mean, running_var, mean, var, update, count)
     else:
         y4 = given(x4, running_mean, running_var, weight, bias, eps=plan.eps)
@@ -230,21 +227,12 @@ class Composite:
     masks = True  # takes masked plans (the statistics over valid positions)
 
     @staticmethod
-    def applies(plan: Plan, *tensors: Tensor | None) -> bool:
+    def applies(plan: Plan, call: Call) -> bool:
         return True
 
     @staticmethod
-    def forward(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        return run(plan, x, weight, bias, running_mean, running_var, normalize,
-                   normalize_with_stats, mask=mask)
+    def forward(plan: Plan, call: Call) -> Tensor:
+        return run(plan, call, normalize, normalize_with_stats)
 
     normalize = staticmethod(normalize)
     normalize_with_stats = staticmethod(normalize_with_stats)

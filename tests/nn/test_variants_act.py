@@ -114,8 +114,8 @@ def test_batch_norm_act_matches_reference(path, cls, shape, act, slope, kernel_a
     x = (torch.randn(shape, dtype=F64) * 1.5 + 0.5).requires_grad_()
     dy = torch.randn(shape, dtype=F64)
     p = P.batch(x, batch_stats=True, eps=layer.eps, momentum=0.1, act=act, slope=slope)
-    provider = normlab.ops.route(p, x, layer.weight, layer.bias, layer.running_mean,
-                                 layer.running_var, path)
+    call = P.Call(x, layer.weight, layer.bias, layer.running_mean, layer.running_var)
+    provider = normlab.ops.route(p, call, path)
     assert provider.name == path
     assert isinstance(provider, Composite) == (path == "torch")
     assert _fused(provider, p, x) == (path == "cpu" and act in FUSED_ACTS)
@@ -210,7 +210,7 @@ def test_group_and_layer_norm_act_match_reference(
         p = P.group(x, arg, layer.eps, act, slope)
     else:
         p = P.layer(x, (arg,) if isinstance(arg, int) else tuple(arg), layer.eps, act, slope)
-    provider = normlab.ops.route(p, x, layer.weight, layer.bias, None, None, path)
+    provider = normlab.ops.route(p, P.Call(x, layer.weight, layer.bias), path)
     if path == "cpu":  # one rows step: the fused entry for relu/leaky_relu, else the plain one
         assert isinstance(provider, steps.RowsStep)
         assert provider.fused_only == (act in FUSED_ACTS)

@@ -28,11 +28,11 @@ def _batch_plan(x: torch.Tensor, momentum: float = 0.1, act: str = "identity") -
 
 
 def _batch_applies(x, w, b, rm, rv, act="identity") -> bool:  # noqa: ANN001
-    return BATCH.applies(_batch_plan(x, act=act), x, w, b, rm, rv)
+    return BATCH.applies(_batch_plan(x, act=act), plan.Call(x, w, b, rm, rv))
 
 
 def _batch_step(x, w, b, rm, rv, momentum, act="identity"):  # noqa: ANN001, ANN202
-    return BATCH.forward(_batch_plan(x, momentum, act), x, w, b, rm, rv)
+    return BATCH.forward(_batch_plan(x, momentum, act), plan.Call(x, w, b, rm, rv))
 
 
 def _rows_plan(norm: str, x: torch.Tensor, arg: object, act: str = "identity") -> plan.Plan:
@@ -210,8 +210,8 @@ def test_rows_step_matches_reference(
     w_, b_ = (w_, b_) if affine else (None, None)
     b_ = None if norm == "rms" else b_
     p = _rows_plan(norm, x_, arg)
-    assert ROWS.applies(p, x_, w_, b_)
-    y = ROWS.forward(p, x_, w_, b_)
+    assert ROWS.applies(p, plan.Call(x_, w_, b_))
+    y = ROWS.forward(p, plan.Call(x_, w_, b_))
     assert y.shape == shape
     dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     y.backward(dy)
@@ -226,7 +226,7 @@ def test_rows_step_matches_reference(
 
 def test_rows_step_applies_only_where_its_kernels_fit() -> None:
     x, v = torch.randn(4, 16), torch.ones(16)
-    assert ROWS.applies(plan.layer(x, (16,), 1e-5), x, v, v)
+    assert ROWS.applies(plan.layer(x, (16,), 1e-5), plan.Call(x, v, v))
     declined = {
         "strided": (torch.randn(4, 32)[:, ::2], v),
         "half precision": (x.half(), v.half()),
@@ -236,10 +236,10 @@ def test_rows_step_applies_only_where_its_kernels_fit() -> None:
         "empty": (torch.randn(0, 16), v),
     }
     for name, (x_, w) in declined.items():
-        assert not ROWS.applies(plan.layer(x_, (16,), 1e-5), x_, w, None), name
+        assert not ROWS.applies(plan.layer(x_, (16,), 1e-5), plan.Call(x_, w)), name
     # GroupNorm with a channel per group is InstanceNorm: the general path's planes kernels.
     x = torch.randn(2, 4, 7)
-    assert not ROWS.applies(plan.group(x, 4, 1e-5), x, None, None)
+    assert not ROWS.applies(plan.group(x, 4, 1e-5), plan.Call(x))
 
 
 def test_rows_step_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,10 +247,10 @@ def test_rows_step_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
 
     def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return ROWS.forward(plan.group(x, 2, 1e-5), x, w, None)
+        return ROWS.forward(plan.group(x, 2, 1e-5), plan.Call(x, w))
 
     assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
     monkeypatch.setattr(steps, "FUSED_MIN_NUMEL", 0)
-    y = ROWS.forward(plan.group(x, 2, 1e-5, "relu"), x, w, None)
+    y = ROWS.forward(plan.group(x, 2, 1e-5, "relu"), plan.Call(x, w))
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)

@@ -128,10 +128,11 @@ def _bias(call: Call, b: torch.Tensor | None) -> torch.Tensor | None:
 def test_route(call: Call, backend: str) -> None:
     x, w, b, rm, rv = call.tensors()
     p = call.make_plan(x)
-    chosen = ops.route(p, x, w, _bias(call, b), rm, rv, backend)
+    tensors = plan.Call(x, w, _bias(call, b), rm, rv)
+    chosen = ops.route(p, tensors, backend)
     assert type(chosen).__name__ == call.expected[backend]
     with normlab.use_backend(backend):  # the context manager filters the same table
-        assert ops.route(p, x, w, _bias(call, b), rm, rv) is chosen
+        assert ops.route(p, tensors) is chosen
 
 
 @pytest.mark.parametrize("call", CALLS, ids=[c.id for c in CALLS])
@@ -144,12 +145,12 @@ def test_every_entry_that_applies_matches_composite_and_reference(call: Call) ->
     mode = "train" if p.batch_stats else "eval"
     results = {}
     for entry in ops.routes("cpu", mode, "auto", p.kind):
-        if not entry.applies(p, x, w, b, rm, rv):
+        if not entry.applies(p, plan.Call(x, w, b, rm, rv)):
             continue
         xs, ws, bs = (None if t is None else t.detach().clone().requires_grad_(True)
                       for t in (x, w, b))
         rms, rvs = (None if t is None else t.clone() for t in (rm, rv))
-        y = entry.forward(p, xs, ws, bs, rms, rvs)
+        y = entry.forward(p, plan.Call(xs, ws, bs, rms, rvs))
         y.backward(torch.ones_like(y).mul_(torch.linspace(-1, 1, y.numel()).view(y.shape)))
         results[type(entry).__name__] = (y.detach(), xs.grad, rms, rvs,
                                          None if ws is None else ws.grad)
@@ -171,7 +172,7 @@ def test_every_entry_that_applies_matches_composite_and_reference(call: Call) ->
 def test_other_devices_route_to_the_composite_provider() -> None:
     x = torch.empty(4, 6, 5, device="meta")
     p = plan.batch(x, True, 1e-5, 0.1)
-    assert ops.route(p, x, None, None, None, None) is ops.COMPOSITE
+    assert ops.route(p, plan.Call(x)) is ops.COMPOSITE
     assert ops.pieces(x) is ops.COMPOSITE
 
 

@@ -30,7 +30,7 @@ from normlab.ops.cpu.runtime import (
     sync_threads,
 )
 from normlab.ops.cpu.steps import FUSED_MIN_NUMEL, BatchStep, RowsStep
-from normlab.plan import KINDS, Plan
+from normlab.plan import KINDS, Call, Plan
 
 __all__ = [
     "ACT_CODES", "FORKED_CHILD_WARNING", "FUSED_MIN_NUMEL", "NAME", "PIECES", "ROUTES",
@@ -49,20 +49,13 @@ class General:
     kinds = frozenset(KINDS)
 
     @staticmethod
-    def applies(plan: Plan, x: Tensor, *tensors: Tensor | None) -> bool:
-        return supports(x)
+    def applies(plan: Plan, call: Call) -> bool:
+        return supports(call.x)
 
     @staticmethod
-    def forward(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> Tensor:
-        return run(plan, x, weight, bias, running_mean, running_var, _library.normalize,
-                   _library.normalize_with_stats, impl.running_update)
+    def forward(plan: Plan, call: Call) -> Tensor:
+        return run(plan, call, _library.normalize, _library.normalize_with_stats,
+                   impl.running_update)
 
 
 class Pieces:

@@ -14,7 +14,7 @@ from normlab.ops import _library
 from normlab.ops.composite import activation
 from normlab.ops.cpu.layouts import _STEP_DTYPES
 from normlab.ops.cpu.runtime import supports
-from normlab.plan import Plan
+from normlab.plan import Call, Plan
 
 NAME = "native"
 
@@ -60,14 +60,8 @@ class NativeEval:
     kinds = frozenset(("batch", "instance"))
 
     @staticmethod
-    def applies(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> bool:
+    def applies(plan: Plan, call: Call) -> bool:
+        x, weight, bias, running_mean, running_var, _ = call
         return (
             not plan.batch_stats
             and supports(x)
@@ -75,14 +69,8 @@ class NativeEval:
         )
 
     @staticmethod
-    def forward(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> Tensor:
+    def forward(plan: Plan, call: Call) -> Tensor:
+        x, weight, bias, running_mean, running_var, _ = call
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, plan.eps,
                              False)
         return activation(y, plan.act, plan.slope)
@@ -98,14 +86,8 @@ class NativeNorm:
     kinds = frozenset(("layer", "group"))
 
     @staticmethod
-    def applies(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None = None,
-        running_var: Tensor | None = None,
-    ) -> bool:
+    def applies(plan: Plan, call: Call) -> bool:
+        x, weight, bias = call.x, call.weight, call.bias
         kind = plan.kind
         if plan.view[2] == 1 or (kind == "group" and plan.view[3] <= 1):
             return False
@@ -117,14 +99,8 @@ class NativeNorm:
         )
 
     @staticmethod
-    def forward(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None = None,
-        running_var: Tensor | None = None,
-    ) -> Tensor:
+    def forward(plan: Plan, call: Call) -> Tensor:
+        x, weight, bias = call.x, call.weight, call.bias
         if plan.kind == "layer":
             y = torch.layer_norm(x, plan.trailing, weight, bias, plan.eps)
         else:

@@ -34,7 +34,7 @@ from normlab.ops.cpu.layouts import (
     _zero,
 )
 from normlab.ops.cpu.runtime import supports, sync_threads
-from normlab.plan import Plan
+from normlab.plan import Call, Plan
 
 ACT_CODES = K.ACT_CODES  # the activations the kernels fuse, by name
 # Below this many elements a fused activation saves less memory traffic than its fixed
@@ -208,14 +208,8 @@ class BatchStep:
     kinds = frozenset(("batch",))
 
     @staticmethod
-    def applies(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> bool:
+    def applies(plan: Plan, call: Call) -> bool:
+        x, weight, bias, running_mean, running_var, _ = call
         if not plan.batch_stats or not _plain_eager(x):
             return False
         if _step_layout(x, fused_code(plan, x) or 0) is None:
@@ -229,14 +223,8 @@ class BatchStep:
         )
 
     @staticmethod
-    def forward(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-    ) -> Tensor:
+    def forward(plan: Plan, call: Call) -> Tensor:
+        x, weight, bias, running_mean, running_var, _ = call
         code = fused_code(plan, x)
         layout = _step_layout(x, code or 0)
         args = (running_mean, running_var, float(plan.momentum), float(plan.eps), code or 0,
@@ -344,15 +332,8 @@ class RowsStep:
     def __init__(self, fused_only: bool) -> None:
         self.fused_only = fused_only
 
-    def applies(
-        self,
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None = None,
-        running_var: Tensor | None = None,
-    ) -> bool:
+    def applies(self, plan: Plan, call: Call) -> bool:
+        x, weight, bias = call.x, call.weight, call.bias
         if self.fused_only:
             if plan.act == "identity" or not fused_code(plan, x):
                 return False
@@ -370,14 +351,8 @@ class RowsStep:
         )
 
     @staticmethod
-    def forward(
-        plan: Plan,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None = None,
-        running_var: Tensor | None = None,
-    ) -> Tensor:
+    def forward(plan: Plan, call: Call) -> Tensor:
+        x, weight, bias = call.x, call.weight, call.bias
         n, groups, k, _ = plan.view
         code = fused_code(plan, x)
         args = (n * groups, groups, groups * k, float(plan.eps), plan.center, code or 0,
