@@ -362,7 +362,8 @@ class StepFunction(torch.autograd.Function):
     """Autograd of a provider's one-call step: ``StepFunction.apply(step, x, weight, bias,
     *args)`` runs ``step.forward(ctx, x, weight, bias, *args)``, which returns the output
     and saves ``x, weight, bias, stats`` with ``ctx.shape4`` (the ``x4`` view),
-    ``ctx.per_sample``, ``ctx.center``, ``ctx.eps`` and ``ctx.act`` set; backward runs
+    ``ctx.per_sample``, ``ctx.center``, ``ctx.eps``, ``ctx.act`` (and, masked, ``ctx.mask4``)
+    set; backward runs
     ``step.backward(ctx, dy, x, weight, bias, stats, needs) -> (dx, dweight, dbias)``.
     Gradients to be differentiated again (``create_graph=True``) come from the composite
     code instead, or, with a fused activation, a RuntimeError (differentiable once)."""
@@ -394,6 +395,7 @@ class StepFunction(torch.autograd.Function):
                 None if w is None else w.reshape(-1),
                 None if b is None else b.reshape(-1),
                 per_sample=ctx.per_sample, center=ctx.center, eps=ctx.eps,
+                mask4=getattr(ctx, "mask4", None),
             )[0]
             return y4.view(x.shape)
 

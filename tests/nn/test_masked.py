@@ -194,3 +194,31 @@ def test_one_valid_position_follows_the_small_batch_policy(policy: str) -> None:
             torch.testing.assert_close(y[1, :, 2], layer.bias.detach())
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_masked_step_double_backward_runs_the_composite_code() -> None:
+    """The kernels' step is differentiable once; gradients of gradients come from the
+    composite code with the same mask."""
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(1)) > 0.3
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return normlab.functional.batch_norm(x, None, None, w, None, True, mask=mask,
+                                             backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
+
+
+def test_masked_benchmark_quick(capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "masked.py"
+    spec = importlib.util.spec_from_file_location("masked_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick"])
+    assert result["cost"] > 0 and result["speedup"] > 0
+    assert "recipe / masked" in capsys.readouterr().out

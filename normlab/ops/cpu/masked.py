@@ -1,0 +1,138 @@
+"""The CPU provider's masked BatchNorm step: statistics over the valid positions of a
+mask, in one kernel each way (``kernels.masked``), on contiguous ``[N, C, *S]`` input; the
+running update in one more kernel call. Its autograd is ``_library.StepFunction`` (double
+backward through the composite code, masked as well)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from normlab import running
+from normlab.ops import _library
+from normlab.ops.composite import activation
+from normlab.ops.cpu import kernels as K
+from normlab.ops.cpu.layouts import _STEP_DTYPES, _param_np
+from normlab.ops.cpu.runtime import supports, sync_threads
+from normlab.plan import Call, Plan
+
+
+def _masked_forward(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """The output of masked BatchNorm and the running update over the valid count; with
+    an autograd ``ctx``, saves ``x``, the parameters, ``stats [3, C]`` and the mask."""
+    n, c = x.shape[0], x.shape[1]
+    s, dtype = x.numel() // (n * c), x.dtype
+    valid = mask.reshape(n, s).contiguous()
+    count = int(valid.sum())
+    sync_threads(x.numel())
+    y = torch.empty_like(x)
+    stats = torch.empty(3, c, dtype=dtype)
+    mean, var, rstd = stats.numpy()
+    if ctx is not None:
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.valid, ctx.count = valid, count
+        ctx.mask4 = valid.view(n, 1, 1, s)
+        ctx.eps, ctx.act, ctx.shape4 = eps, 0, (n, c, 1, -1)
+        ctx.per_sample, ctx.center = False, True
+        ctx.set_materialize_grads(False)
+    K.masked_planes_forward(
+        x.detach().numpy().reshape(n, c, s), valid.numpy().view(np.uint8),
+        _param_np(weight, c, dtype, 1.0), _param_np(bias, c, dtype, 0.0), eps, count,
+        y.numpy().reshape(n, c, s), mean, var, rstd,
+    )
+    if running_mean is not None and count > 0:
+        # Written behind autograd's back: count the writes (see impl.running_update).
+        torch.autograd.graph.increment_version((running_mean, running_var))
+        kept = K.running_update(
+            running_mean.numpy(), running_var.numpy(), mean, var, running.bessel(count),
+            momentum,
+        )
+        if kept:
+            running.warn_non_finite()
+    return y
+
+
+def _masked_backward(
+    ctx: Any,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats: Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dweight, dbias)`` of :func:`_masked_forward`."""
+    n, c = x.shape[0], x.shape[1]
+    s, dtype = x.numel() // (n * c), x.dtype
+    if dy.dtype != dtype or not dy.is_contiguous():
+        dy = dy.to(dtype).contiguous()
+    sync_threads(x.numel())
+    dx = torch.empty_like(x)
+    grads = torch.empty(2, c, dtype=dtype)
+    dw, db = grads.numpy()
+    st = stats.numpy()
+    K.masked_planes_backward(
+        dy.numpy().reshape(n, c, s), x.detach().numpy().reshape(n, c, s),
+        ctx.valid.numpy().view(np.uint8), st[0], st[2], _param_np(weight, c, dtype, 1.0),
+        ctx.count, dx.numpy().reshape(n, c, s), dw, db,
+    )
+    return (
+        dx if needs[0] else None,
+        grads[0] if needs[1] and weight is not None else None,
+        grads[1] if needs[2] and bias is not None else None,
+    )
+
+
+class _MaskedKernels:
+    forward = staticmethod(_masked_forward)
+    backward = staticmethod(_masked_backward)
+
+
+_MASKED = _MaskedKernels()
+
+
+class MaskedBatchStep:
+    """Masked BatchNorm training: contiguous float32/float64 CPU input in plain eager
+    mode, contiguous vectors (running buffers not requiring grad)."""
+
+    name = "cpu"
+    kinds = frozenset(("batch",))
+    masks = True
+
+    @staticmethod
+    def applies(plan: Plan, call: Call) -> bool:
+        x, weight, bias, running_mean, running_var, _ = call
+        if not (plan.masked and plan.batch_stats and x.dtype in _STEP_DTYPES):
+            return False
+        if not (x.numel() > 0 and x.is_contiguous() and supports(x) and _library.eager(x)):
+            return False
+        if _library.composite_only(x):
+            return False
+        for vector in (weight, bias, running_mean, running_var):
+            if vector is not None and not vector.is_contiguous():
+                return False
+        return running_mean is None or not (running_mean.requires_grad
+                                            or running_var.requires_grad)
+
+    @staticmethod
+    def forward(plan: Plan, call: Call) -> Tensor:
+        x, weight, bias, running_mean, running_var, mask = call
+        args = (mask, running_mean, running_var, float(plan.momentum), float(plan.eps))
+        if _library.needs_grad(x, weight, bias):
+            y = _library.StepFunction.apply(_MASKED, x, weight, bias, *args)
+        else:
+            y = _masked_forward(None, x, weight, bias, *args)
+        return activation(y, plan.act, plan.slope)
