@@ -204,12 +204,15 @@ def instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Instance Normalization of ``input [N, C, *S]``: statistics per sample and channel.
 
     With ``use_input_stats`` and running buffers, those are updated (in place) with the
-    per-instance statistics averaged over the batch, as torch does.
+    per-instance statistics averaged over the batch, as torch does. ``mask`` (bool,
+    broadcastable to ``[N, *S]``): statistics over each instance's valid positions (see
+    :func:`batch_norm`; the running variance corrects each instance by its own count).
     """
     _check_per_channel_args(
         input, 3, running_mean, running_var, weight, bias, momentum, eps,
@@ -220,8 +223,11 @@ def instance_norm(
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {input.size()}"
         )
+    if mask is not None:
+        mask = _checks.check_mask(input, mask)
     return _instance_norm(
-        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, backend
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, backend,
+        mask,
     )
 
 
@@ -235,9 +241,10 @@ def _instance_norm(
     momentum: float,
     eps: float,
     backend: str | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    p = plan.instance(input, use_input_stats, eps, momentum)
-    return _run(p, input, weight, bias, running_mean, running_var, backend)
+    p = plan.instance(input, use_input_stats, eps, momentum, mask is not None)
+    return _run(p, input, weight, bias, running_mean, running_var, backend, mask)
 
 
 def _check_group_norm_args(
@@ -271,14 +278,18 @@ def group_norm(
     *,
     act: str = "identity",
     slope: float = 0.01,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Group Normalization of ``input [N, C, *S]``: statistics per sample over each group
     of ``C / num_groups`` channels (and ``*S``), then the activation ``act``.
-    ``num_groups=1`` is LayerNorm over ``(C, *S)``; ``num_groups=C`` is InstanceNorm."""
+    ``num_groups=1`` is LayerNorm over ``(C, *S)``; ``num_groups=C`` is InstanceNorm.
+    ``mask`` (bool, broadcastable to ``[N, *S]``): statistics over the valid positions."""
     _check_group_norm_args(input, num_groups, weight, bias, eps)
     act, slope = check_activation(act, slope)
-    return _group_norm(input, num_groups, weight, bias, eps, act, slope, backend)
+    if mask is not None:
+        mask = _checks.check_mask(input, mask)
+    return _group_norm(input, num_groups, weight, bias, eps, act, slope, backend, mask)
 
 
 def _group_norm(
@@ -290,9 +301,10 @@ def _group_norm(
     act: str = "identity",
     slope: float = 0.0,
     backend: str | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    p = plan.group(input, num_groups, eps, act, slope)
-    return _run(p, input, weight, bias, None, None, backend)
+    p = plan.group(input, num_groups, eps, act, slope, mask is not None)
+    return _run(p, input, weight, bias, None, None, backend, mask)
 
 
 def _check_rows_args(

@@ -141,21 +141,25 @@ def batch(
 
 
 @_by_shape
-def instance(shape: tuple[int, ...], batch_stats: bool, eps: float, momentum: float = 0.0) -> Plan:
+def instance(
+    shape: tuple[int, ...], batch_stats: bool, eps: float, momentum: float = 0.0,
+    masked: bool = False,
+) -> Plan:
     """InstanceNorm of ``x [N, C, *S]``: statistics per sample and channel (``batch_stats``
     False: normalized with given per-channel running statistics, as BatchNorm in eval)."""
     view = (shape[0], shape[1], 1, _spatial(shape))
-    return Plan("instance", view, batch_stats, True, batch_stats, eps, momentum)
+    return Plan("instance", view, batch_stats, True, batch_stats, eps, momentum, "identity",
+                0.0, (), masked and batch_stats)
 
 
 @_by_shape
 def group(
     shape: tuple[int, ...], num_groups: int, eps: float, act: str = "identity",
-    slope: float = 0.0,
+    slope: float = 0.0, masked: bool = False,
 ) -> Plan:
     """GroupNorm of ``x [N, C, *S]``: statistics per sample over each group of channels."""
     view = (shape[0], num_groups, shape[1] // num_groups, _spatial(shape))
-    return Plan("group", view, True, True, True, eps, 0.0, act, slope)
+    return Plan("group", view, True, True, True, eps, 0.0, act, slope, (), masked)
 
 
 def _rows(shape: tuple[int, ...], normalized_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -101,13 +101,28 @@ def record(
     batch_var: Tensor,
     kernel: UpdateKernel | None = None,
     count: int | None = None,
+    counts: Tensor | None = None,
 ) -> None:
     """The running update after a training call of ``plan`` with batch statistics
     ``[C]`` (BatchNorm) or ``[N, C]`` (InstanceNorm: torch averages each instance's
     statistics over the batch; the Bessel factor ``S / (S - 1)`` is the same for every
     instance, so averaging the biased variances and correcting once is the same thing).
     ``count``: the values behind each statistic when not the plan's (a masked batch's
-    valid positions; 0 records nothing)."""
+    valid positions; 0 records nothing). ``counts [N]``: a masked InstanceNorm's valid
+    positions per instance: each instance's variance is corrected by its own count, and
+    the instances with fewer than two valid positions are left out."""
+    if plan.per_sample and counts is not None:
+        used = counts >= 2
+        if not bool(used.any()):
+            return
+        counts = counts.to(batch_var.dtype)
+        correction = (counts / (counts - 1).clamp_min(1))[:, None]
+        update_running_stats(
+            running_mean, running_var, batch_mean[used].mean(0),
+            (batch_var * correction)[used].mean(0), int(used.sum()), plan.momentum,
+            unbiased=True, kernel=kernel,
+        )
+        return
     if plan.per_sample:
         if plan.view[0] == 0:
             return

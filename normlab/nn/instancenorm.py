@@ -65,13 +65,17 @@ class InstanceNormBase(NormBase):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input [N, C, *S]`` (or unbatched ``[C, *S]``); ``mask`` (bool,
+        broadcastable to ``[N, *S]``, or ``[*S]`` unbatched; ``True`` = valid): statistics
+        over each instance's valid positions."""
         params, buffers = self._parameters, self._buffers
         weight, bias = params.get("weight"), params.get("bias")
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         use_input_stats = self.training or not self.track_running_stats
         if (
-            input.dim() == self._spatial_dims + 2
+            mask is None
+            and input.dim() == self._spatial_dims + 2
             and _checks.fits(input, (self.num_features,), weight, bias, running_mean,
                              running_var, at=1)
             and (input.numel() != input.shape[0] * input.shape[1] or not use_input_stats)
@@ -96,6 +100,8 @@ class InstanceNormBase(NormBase):
                 stacklevel=2,
             )
         batched = input.unsqueeze(0) if unbatched else input
+        if unbatched and isinstance(mask, Tensor):
+            mask = mask.unsqueeze(0)
         out = F.instance_norm(
             batched,
             self.running_mean,
@@ -105,6 +111,7 @@ class InstanceNormBase(NormBase):
             self.training or not self.track_running_stats,
             0.0 if self.momentum is None else self.momentum,
             self.eps,
+            mask=mask,
         )
         return out.squeeze(0) if unbatched else out
 

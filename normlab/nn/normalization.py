@@ -71,16 +71,18 @@ class GroupNorm(ScriptableMixin, CheckedHyperparameters):
                 f"got input of shape {tuple(input.shape)}"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input [N, C, *S]``; ``mask`` (bool, broadcastable to ``[N, *S]``,
+        ``True`` = valid): statistics over the valid positions only."""
         params, groups = self._parameters, self.num_groups
         weight, bias = params.get("weight"), params.get("bias")
-        if _checks.fits(input, (self.num_channels,), weight, bias, at=1) and (
+        if mask is None and _checks.fits(input, (self.num_channels,), weight, bias, at=1) and (
             input.numel() // groups != 1
         ):
             return F._group_norm(input, groups, weight, bias, self.eps, self.act, self.slope)
         self._check_input(input)
         return F.group_norm(
-            input, groups, weight, bias, self.eps, act=self.act, slope=self.slope
+            input, groups, weight, bias, self.eps, act=self.act, slope=self.slope, mask=mask
         )
 
     def extra_repr(self) -> str:

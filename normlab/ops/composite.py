@@ -59,9 +59,15 @@ def run(
         if plan.masked:
             stats_of["mask4"] = plan.mask4(mask)
         y4, mean, var = train(x4, weight, bias, **stats_of)
-        if running_mean is not None:
-            count = int(mask.sum()) if plan.masked else None  # valid values per channel
-            running.record(plan, running_mean, running_var, mean, var, update, count)
+        if running_mean is not None and not plan.masked:
+            running.record(plan, running_mean, running_var, mean, var, update)
+        elif running_mean is not None:  # over the valid positions
+            if plan.per_sample:
+                counts = mask.reshape(plan.view[0], -1).sum(1)
+                running.record(plan, running_mean, running_var, mean, var, update, None, counts)
+            else:
+                running.record(plan, running_mean, running_var, mean, var, update,
+                               int(mask.sum()))
     else:
         y4 = given(x4, running_mean, running_var, weight, bias, eps=plan.eps)
     return activation(y4.reshape(x.shape), plan.act, plan.slope)

@@ -222,3 +222,73 @@ def test_masked_benchmark_quick(capsys: pytest.CaptureFixture) -> None:
     result = module.main(["--quick"])
     assert result["cost"] > 0 and result["speedup"] > 0
     assert "recipe / masked" in capsys.readouterr().out
+
+
+PER_SAMPLE = [  # id, layer factory, shape, reference forward / backward
+    ("in1d", lambda: normlab.InstanceNorm1d(6, affine=True), (4, 6, 10),
+     lambda x, m, w, b: ref.masked_instance_norm_forward(x, m, w, b),
+     lambda dy, x, m, w: ref.masked_instance_norm_backward(dy, x, m, w)),
+    ("in2d-running", lambda: normlab.InstanceNorm2d(5, affine=True, track_running_stats=True),
+     (3, 5, 4, 6),
+     lambda x, m, w, b: ref.masked_instance_norm_forward(x, m, w, b),
+     lambda dy, x, m, w: ref.masked_instance_norm_backward(dy, x, m, w)),
+    ("gn", lambda: normlab.GroupNorm(2, 6), (4, 6, 10),
+     lambda x, m, w, b: ref.masked_group_norm_forward(x, m, 2, w, b),
+     lambda dy, x, m, w: ref.masked_group_norm_backward(dy, x, m, 2, w)),
+    ("gn-2d", lambda: normlab.GroupNorm(3, 6), (2, 6, 3, 5),
+     lambda x, m, w, b: ref.masked_group_norm_forward(x, m, 3, w, b),
+     lambda dy, x, m, w: ref.masked_group_norm_backward(dy, x, m, 3, w)),
+]
+
+
+@pytest.mark.parametrize("padding", ["30%", "all"])
+@pytest.mark.parametrize(("make", "shape", "forward", "backward"), [c[1:] for c in PER_SAMPLE],
+                         ids=[c[0] for c in PER_SAMPLE])
+def test_masked_instance_and_group_norm_match_reference(
+    make, shape, forward, backward, padding, backend  # noqa: ANN001
+) -> None:
+    layer = make().double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
+    x, mask = MaskedCase("x", "", shape, padding).make(torch.float64)
+    mask[0] = False  # one instance of padding only: its output is bias
+    xs = x.clone().requires_grad_(True)
+    dy = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    running = getattr(layer, "running_mean", None) is not None
+    rm0 = _np(layer.running_mean).copy() if running else None
+    rv0 = _np(layer.running_var).copy() if running else None
+    with normlab.use_backend(backend):
+        y = layer(xs, mask=mask)
+    w, b = _np(layer.weight), _np(layer.bias)
+    torch.testing.assert_close(y.detach(), torch.from_numpy(forward(x.numpy(), mask.numpy(), w, b)),
+                               **TOL[torch.float64])
+    y.backward(dy)
+    dx, dw, db = backward(dy.numpy(), x.numpy(), mask.numpy(), w)
+    torch.testing.assert_close(xs.grad, torch.from_numpy(dx), **TOL[torch.float64])
+    torch.testing.assert_close(layer.weight.grad, torch.from_numpy(dw), **TOL[torch.float64])
+    torch.testing.assert_close(layer.bias.grad, torch.from_numpy(db), **TOL[torch.float64])
+    if rm0 is not None:
+        want = ref.masked_instance_norm_running(rm0, rv0, x.numpy(), mask.numpy(), 0.1)
+        torch.testing.assert_close(_np(layer.running_mean), want[0], **TOL[torch.float64])
+        torch.testing.assert_close(_np(layer.running_var), want[1], **TOL[torch.float64])
+
+
+def test_unbatched_instance_norm_takes_an_unbatched_mask() -> None:
+    layer = normlab.InstanceNorm1d(3)
+    x, mask = torch.randn(3, 8), torch.arange(8) < 5
+    torch.testing.assert_close(layer(x, mask=mask), layer(x[:, :5].unsqueeze(0))[0].new_tensor(
+        ref.masked_instance_norm_forward(x[None].numpy(), mask[None].numpy()))[0])
+
+
+@pytest.mark.parametrize(("make", "message"), [b[1:] for b in BAD_MASKS[:-1]],
+                         ids=[b[0] for b in BAD_MASKS[:-1]])
+def test_bad_mask_is_refused_by_instance_and_group_norm(make, message) -> None:  # noqa: ANN001
+    x = torch.randn(4, 6, 10)
+    layer = normlab.InstanceNorm1d(6, track_running_stats=True)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for call in (lambda m: layer(x, mask=m), lambda m: normlab.GroupNorm(2, 6)(x, mask=m),
+                 lambda m: normlab.functional.group_norm(x, 3, mask=m)):
+        with pytest.raises(ValueError, match=message):
+            call(make(x))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
