@@ -209,7 +209,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     The model must be in eval mode (folding uses the running statistics, which training
     mode does not). Each folded BatchNorm is replaced by ``nn.Identity`` or, for a fused
     norm+act layer, by its activation. Eval outputs equal the original's up to rounding
-    (the fold is computed in float64).
+    (the fold is computed in float64). Layers trained with ``mask=`` fold the same way:
+    eval uses the running statistics, which the mask only shaped during training.
 
     Args:
         model: a module in eval mode (``model.eval()``).

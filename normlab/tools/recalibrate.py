@@ -57,7 +57,8 @@ class _Stats:
         self.mean = zeros
         self.m2 = zeros  # BN: sum of squared deviations; IN: sum of n_i * var_i
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """One batch ``x [N, C, *S]``; ``mask`` (bool ``[N, *S]``): its valid positions."""
         x = x.detach().to(torch.float64)
         if x.dim() < 2:
             raise ValueError(f"norm input must be [N, C, *S], got shape {tuple(x.shape)}")
@@ -66,16 +67,29 @@ class _Stats:
         if self.instance:
             if x.dim() == 2:  # unbatched [C, L]
                 x = x.unsqueeze(0)
+                mask = None if mask is None else mask.unsqueeze(0)
             xi = x.flatten(2)  # [N, C, L]
-            length = xi.shape[2]
-            if length < 2:
-                return  # an instance of one element has no unbiased variance
-            n_b = torch.full((x.shape[1],), float(xi.shape[0] * length), dtype=torch.float64)
-            mean_b = xi.mean(dim=(0, 2))
+            valid = torch.ones(xi.shape[0], xi.shape[2], dtype=torch.float64) if mask is None \
+                else mask.broadcast_to((x.shape[0], *x.shape[2:])).reshape(xi.shape[0], -1)
+            valid = valid.to(xi.device, torch.float64)[:, None, :]  # [N, 1, L]
+            counts = valid.sum(dim=2)  # [N, 1]: valid positions of each instance
+            used = counts >= 2  # an instance of one element has no unbiased variance
+            if not bool(used.any()):
+                return
+            per = counts.clamp_min(1)
+            mean_i = (xi * valid).sum(dim=2) / per  # [N, C]
+            var_i = (((xi - mean_i[..., None]) * valid) ** 2).sum(dim=2) / (per - 1).clamp_min(1)
+            weight = counts * used  # element weights of the instances that count
+            n_b = weight.sum(dim=0).expand(x.shape[1]).clone()
+            mean_b = (mean_i * weight).sum(dim=0) / n_b
             # element-weighted sum of per-instance unbiased variances (one weight per instance)
-            m2_b = xi.var(dim=2, correction=1).sum(dim=0) * length
+            m2_b = (var_i * weight).sum(dim=0)
         else:
             xc = x.transpose(0, 1).reshape(x.shape[1], -1)  # [C, N*S]
+            if mask is not None:  # the valid positions only
+                xc = xc[:, mask.broadcast_to((x.shape[0], *x.shape[2:])).reshape(-1)]
+                if xc.shape[1] == 0:
+                    return
             n_b = torch.full((x.shape[1],), float(xc.shape[1]), dtype=torch.float64)
             mean_b = xc.mean(dim=1)
             m2_b = ((xc - mean_b[:, None]) ** 2).sum(dim=1)
@@ -139,6 +153,9 @@ def recalibrate(
             same model); None for a single process.
         progress: show a tqdm progress bar.
         forward_fn: ``forward_fn(model, batch)`` runs one batch (default ``default_forward``).
+            Padded batches: a model that passes ``mask=`` to its normlab norms gets their
+            statistics over the valid positions, e.g. ``forward_fn=lambda m, b: m(b[0],
+            lengths=b[1])`` for a model taking the lengths.
 
     Returns:
         ``model`` (modified in place).
@@ -167,7 +184,12 @@ def recalibrate(
         for name, m in norms.items()
     }
     handles = [
-        m.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
+        m.register_forward_pre_hook(
+            lambda _m, args, kwargs, s=stats[name]: s.add(
+                args[0], kwargs.get("mask", args[1] if len(args) > 1 else None)
+            ),
+            with_kwargs=True,
+        )
         for name, m in norms.items()
     ]
     try:

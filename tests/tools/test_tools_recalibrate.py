@@ -159,3 +159,51 @@ def test_recalibrate_all_reduce_over_process_group():
     for name, (mean, var) in expect.items():
         torch.testing.assert_close(got[f"{name}.running_mean"].double(), mean, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(got[f"{name}.running_var"].double(), var, rtol=1e-5, atol=1e-6)
+
+
+class _Masked(torch.nn.Module):
+    """A sequence model whose normlab norms take the padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import normlab
+
+        self.bn = normlab.BatchNorm1d(3)
+        self.inorm = normlab.InstanceNorm1d(3, track_running_stats=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.inorm(self.bn(x, mask=mask), mask=mask)
+
+
+def test_recalibrate_uses_the_masks_valid_positions() -> None:
+    import normlab
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(4, 3, 9, generator=g, dtype=torch.float64) * 2 + 1
+        x[..., 6:] = 100.0  # padding far from the data: it must not count
+        lengths = torch.randint(2, 7, (4,), generator=g)
+        batches.append((x, normlab.lengths_to_mask(lengths, 9)))
+    model = _Masked().double()
+    recalibrate(model, batches, progress=False, forward_fn=lambda m, b: m(b[0], b[1]))
+    valid = torch.cat([x.transpose(1, 2)[m] for x, m in batches])  # [M, C]
+    torch.testing.assert_close(model.bn.running_mean, valid.mean(0))
+    torch.testing.assert_close(model.bn.running_var, valid.var(0, correction=1))
+    # InstanceNorm: its inputs are BatchNorm's outputs (training mode, batch statistics over
+    # the valid positions); the element-weighted average of each instance's mean and
+    # unbiased variance over its own valid positions.
+    means, variances, weights = [], [], []
+    with torch.no_grad():
+        for x, m in batches:
+            y = normlab.functional.batch_norm(x, None, None, model.bn.weight, model.bn.bias,
+                                              True, mask=m)
+            for n in range(x.shape[0]):
+                v = y[n][:, m[n]]
+                means.append(v.mean(1)), variances.append(v.var(1, correction=1))
+                weights.append(float(m[n].sum()))
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(model.inorm.running_mean,
+                               (torch.stack(means) * w).sum(0) / w.sum())
+    torch.testing.assert_close(model.inorm.running_var,
+                               (torch.stack(variances) * w).sum(0) / w.sum())
