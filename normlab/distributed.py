@@ -220,13 +220,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         process_group: ProcessGroup,
         backend: str | None,
+        mask4: Tensor | None,
     ) -> Tensor:
         kernels = ops.pieces(x4, backend)
         y4 = kernels.normalize_with_stats(x4, mean, var, weight, bias, eps=eps)
         if y4._base is not None:  # a kernel's view of its own buffer: see the class doc
             y4 = y4.clone()
         ctx.save_for_backward(x4, weight, mean, torch.rsqrt(var + eps))
-        ctx.count, ctx.group, ctx.backend = count, process_group, backend
+        ctx.count, ctx.group, ctx.backend, ctx.mask4 = count, process_group, backend, mask4
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y4
 
@@ -253,13 +254,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )
             channels = mean.shape[0]
             global_dy, global_dy_xhat = packed[:channels], packed[channels:]
-            if x4.numel() > 0:
+            if x4.numel() > 0 and ctx.mask4 is not None:  # the composite code reads the mask
+                grad_input = ops.COMPOSITE.backward_apply(
+                    dy4, x4, mean, rstd, weight, global_dy, global_dy_xhat, ctx.count, ctx.mask4
+                )
+            elif x4.numel() > 0:
                 grad_input = kernels.backward_apply(
                     dy4, x4, mean, rstd, weight, global_dy, global_dy_xhat, ctx.count
                 )
             else:
                 grad_input = torch.zeros_like(x4)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _view4(input: Tensor) -> Tensor:
@@ -273,6 +278,7 @@ def batch_stats(
     *,
     backend: str | None = None,
     owner: Any = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Per-channel ``(mean, biased var, count)`` of the batch concatenated over all ranks of
     ``process_group``: local moments with the backend's kernels, then ONE all_gather
@@ -280,12 +286,16 @@ def batch_stats(
 
     ``input [N, C, *S]`` may be empty on some ranks. ``mean``/``var`` are ``[C]`` in the
     compute dtype (float32, float64 for float64 input); with a global count of 0 they are
-    0 and 1 (nothing is normalized; nothing should be recorded).
+    0 and 1 (nothing is normalized; nothing should be recorded), with a ``mask`` (bool
+    ``[N, *S]``: statistics over its valid positions) 0 and +inf (the output is ``bias``).
     """
     x4 = _view4(input)
-    local_count = x4.shape[0] * x4.shape[3]
+    local_count = x4.shape[0] * x4.shape[3] if mask is None else int(mask.sum())
     with torch.no_grad():
-        if local_count > 0:
+        if local_count > 0 and mask is not None:
+            mask4 = mask.reshape(x4.shape[0], 1, 1, x4.shape[3])
+            mean, var = ops.COMPOSITE.moments(x4, per_sample=False, center=True, mask4=mask4)
+        elif local_count > 0:
             mean, var = ops.pieces(input, backend).moments(x4, per_sample=False, center=True)
         else:
             mean = torch.zeros(
@@ -296,7 +306,8 @@ def batch_stats(
             mean, var, local_count, process_group, owner=owner
         )
     if count == 0:
-        mean, var = torch.zeros_like(mean), torch.ones_like(var)
+        fill = 1.0 if mask is None else float("inf")
+        mean, var = torch.zeros_like(mean), torch.full_like(var, fill)
     return mean, var, count
 
 
@@ -311,13 +322,17 @@ def normalize_synced(
     process_group: ProcessGroup = None,
     *,
     backend: str | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Normalize ``input [N, C, *S]`` with the global ``mean``/``var`` ``[C]`` of ``count``
     elements per channel (from ``batch_stats``). Differentiable w.r.t. ``input`` (through
     the statistics too: ONE all_reduce in backward, on every rank), ``weight`` and ``bias``
-    (this rank's share; DDP sums the shares). The output may be modified in place."""
+    (this rank's share; DDP sums the shares). The output may be modified in place. With
+    the ``mask`` the statistics came from, only valid positions get their gradient terms."""
+    x4 = _view4(input)
+    mask4 = None if mask is None else mask.reshape(x4.shape[0], 1, 1, x4.shape[3])
     y4 = _SyncBatchNormFunction.apply(
-        _view4(input), weight, bias, mean, var, count, eps, process_group, backend
+        x4, weight, bias, mean, var, count, eps, process_group, backend, mask4
     )
     # Back to [N, C, *S] outside the Function: in-place ops on this view are allowed.
     return y4.reshape(input.shape)

@@ -86,31 +86,39 @@ class SyncBatchNorm(BatchNormBase):
                 f"got input of shape {tuple(input.shape)}"
             )
 
-    def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> None:
+    def _check_input_dim(self, input: Tensor, mask: Tensor | None = None) -> Tensor | None:
         # The single-process path (BatchNormBase.forward): any rank >= 2, local batch rules.
-        # (forward takes no mask yet: the synchronized masked statistics are to come.)
         self._check_shape(input)
-        if self.training and self.small_batch != "skip_update" and not self._stats_frozen(input):
-            _checks.check_values_per_channel(input)
+        if mask is not None:
+            mask = _checks.check_mask(input, mask)
+        frozen = self._stats_frozen(input, mask)
+        if self.training and self.small_batch != "skip_update" and not frozen:
+            _checks.check_values_per_channel(input, mask)
         elif not self.training and self.running_mean is None:  # batch statistics in eval
-            _checks.check_values_per_channel(input)
+            _checks.check_values_per_channel(input, mask)
         _checks.check_vectors(
             input, self.num_features, "channels of input (dim 1)", weight=self.weight,
             bias=self.bias, running_mean=self.running_mean, running_var=self.running_var,
         )
+        return mask
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input [N, C, *S]`` with the global batch's statistics; ``mask``
+        (bool, broadcastable to ``[N, *S]``, ``True`` = valid): statistics over the valid
+        positions of every rank (each rank may have its own count, or none)."""
         frozen = self.freeze_stats and self.running_mean is not None  # same on every rank
         if frozen or not (self.training and D.is_sync_possible(self.process_group)):
-            output = super().forward(input)
+            output = super().forward(input, mask)
             self._last_input_dim = input.dim()
             return output
         self._check_shape(input)
+        if mask is not None:
+            mask = _checks.check_mask(input, mask)
         self._last_input_dim = input.dim()
         group = self.process_group
         # owner=self: the ranks' channel counts are checked on this layer's first
         # synchronized step on a group (one more small all_gather), not on every step.
-        mean, var, count = D.batch_stats(input, group, owner=self)
+        mean, var, count = D.batch_stats(input, group, owner=self, mask=mask)
         # Decisions that depend on the batch size use the GLOBAL count (known to every rank
         # after the collective), so all ranks take the same path: no rank waits alone.
         if count == 1:
@@ -122,11 +130,13 @@ class SyncBatchNorm(BatchNormBase):
             if self.small_batch != "skip_update":
                 D.check_global_count(count, input)
             # skip_update: the batch's own statistics (output = bias), nothing recorded.
-        else:
+        elif mask is None or count > 0:  # a masked batch of padding only records nothing
             factor = self._average_factor()
             if self.track_running_stats:
                 update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
-        y = D.normalize_synced(input, mean, var, count, self.weight, self.bias, self.eps, group)
+        y = D.normalize_synced(
+            input, mean, var, count, self.weight, self.bias, self.eps, group, mask=mask
+        )
         return F.activation(y, self.act, self.slope)
 
     @classmethod

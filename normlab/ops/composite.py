@@ -181,10 +181,17 @@ def normalize_with_stats(
 # the local reductions and the elementwise passes, so it needs them apart.
 
 
-def moments(x4: Tensor, *, per_sample: bool, center: bool) -> tuple[Tensor, Tensor]:
-    """Biased ``(mean, var)`` of ``x4 [N, G, K, S]``, ``[G]`` or ``[N, G]``, compute dtype."""
+def moments(
+    x4: Tensor, *, per_sample: bool, center: bool, mask4: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Biased ``(mean, var)`` of ``x4 [N, G, K, S]``, ``[G]`` or ``[N, G]``, compute dtype
+    (over the valid positions of ``mask4 [N, 1, 1, S]``: zeros where there is none)."""
     xc = x4.to(compute_dtype(x4.dtype))
     dims = _reduce_dims(per_sample)
+    if mask4 is not None:
+        _, mean, var = _masked_normalize(xc, mask4, None, None, dims, per_sample, center, 0.0,
+                                         xc.dtype)
+        return mean, var
     if center:
         var, mean = torch.var_mean(xc, dim=dims, correction=0)
         return mean, var
@@ -212,15 +219,22 @@ def backward_apply(
     sum_dy: Tensor,
     sum_dy_xhat: Tensor,
     count: int,
+    mask4: Tensor | None = None,
 ) -> Tensor:
     """BatchNorm input gradient from (possibly globally summed) reductions over ``count``
-    elements per channel: ``dx = w * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``.
+    elements per channel: ``dx = w * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``
+    (with ``mask4``, the statistics' terms at the valid positions only).
     """
     work = compute_dtype(x4.dtype)
     xhat = (x4.to(work) - _broadcast_stats(mean, False)) * _broadcast_stats(rstd, False)
     scale = rstd if weight is None else rstd * weight.to(work)
-    dx = dy4.to(work) - _broadcast_stats(sum_dy / count, False)
-    dx = dx - xhat * _broadcast_stats(sum_dy_xhat / count, False)
+    count = max(count, 1)
+    through_stats = _broadcast_stats(sum_dy / count, False) + xhat * _broadcast_stats(
+        sum_dy_xhat / count, False
+    )
+    if mask4 is not None:
+        through_stats = through_stats * mask4.to(work)
+    dx = dy4.to(work) - through_stats
     return (dx * _broadcast_stats(scale, False)).to(x4.dtype)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from normlab import distributed as D
 from normlab import ops
 from normlab.nn.act import BatchNormAct2d
+from normlab.nn.batchnorm import BatchNorm1d
 from normlab.nn.syncbatchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 # name, spatial shape, dtype, channels_last, momentum, split, affine, track_running_stats, offset
@@ -454,8 +455,60 @@ def failure(rank: int, world: int) -> dict[str, list[float]]:
     return out
 
 
+def masked(rank: int, world: int) -> dict[str, list[float]]:
+    """Masked SyncBatchNorm: every rank its own valid count (one rank's batch all padding,
+    with uneven and empty splits) gives single-process masked BatchNorm's outputs,
+    gradients and running statistics on the concatenated batch, in one collective each
+    way."""
+    out: dict[str, list[float]] = {}
+    gen = torch.Generator().manual_seed(5)
+    ours = SyncBatchNorm(CHANNELS, dtype=torch.float64)
+    ref = BatchNorm1d(CHANNELS, dtype=torch.float64)
+    with torch.no_grad():
+        for layer in (ours, ref):
+            layer.weight.copy_(torch.linspace(0.5, 1.5, CHANNELS))
+            layer.bias.copy_(torch.linspace(-0.5, 0.5, CHANNELS))
+    # the layer's first synchronized step also checks the ranks' channel counts
+    for step, split in enumerate(("uneven", "empty")):
+        counts = split_counts(split, world)
+        lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+        total = sum(counts)
+        full = torch.randn(total, CHANNELS, 7, generator=gen, dtype=torch.float64) * 2 + 1
+        lengths = torch.randint(1, 8, (total,), generator=gen)
+        lengths[: counts[0]] = 0  # rank 0's samples: padding only
+        mask = torch.arange(7) < lengths[:, None]
+        grad = torch.randn(total, CHANNELS, 7, generator=gen, dtype=torch.float64)
+        ours.zero_grad(), ref.zero_grad()
+        x_local = full[lo:hi].clone().requires_grad_(True)
+        x_full = full.clone().requires_grad_(True)
+        with count_collectives() as calls:
+            y_local = ours(x_local, mask=mask[lo:hi])
+            forward_calls = dict(calls)
+            (y_local * grad[lo:hi]).sum().backward()
+        y_full = ref(x_full, mask=mask)
+        (y_full * grad).sum().backward()
+        tag = f"masked/{split}"
+        out[f"{tag}/output"] = [rel_err(y_local, y_full[lo:hi]), 1e-10]
+        out[f"{tag}/grad_input"] = [rel_err(x_local.grad, x_full.grad[lo:hi]), 1e-10]
+        out[f"{tag}/grad_weight"] = [rel_err(all_sum(ours.weight.grad), ref.weight.grad), 1e-10]
+        out[f"{tag}/grad_bias"] = [rel_err(all_sum(ours.bias.grad), ref.bias.grad), 1e-10]
+        for name in ("running_mean", "running_var"):
+            out[f"{tag}/{name}"] = [rel_err(getattr(ours, name), getattr(ref, name)), 1e-10]
+        out[f"{tag}/num_batches_tracked"] = [
+            float(int(ours.num_batches_tracked) != int(ref.num_batches_tracked)), 0
+        ]
+        out[f"{tag}/one_collective_forward"] = [
+            float(sum(forward_calls.values()) != (2 if step == 0 else 1)), 0
+        ]
+        out[f"{tag}/one_collective_backward"] = [
+            float(sum(calls.values()) - sum(forward_calls.values()) != 1), 0
+        ]
+    return out
+
+
 PHASES: dict[str, Callable[[int, int], dict[str, list[float]]]] = {
-    "equivalence": equivalence, "inplace": inplace, "channels": channels, "failure": failure,
+    "equivalence": equivalence, "inplace": inplace, "channels": channels, "masked": masked,
+    "failure": failure,
 }
 
 

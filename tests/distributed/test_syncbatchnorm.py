@@ -128,6 +128,16 @@ def test_matches_single_process_batchnorm(groups: dict, world: int, case: str) -
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("split", ["uneven", "empty"])
+def test_masked_matches_single_process_masked_batchnorm(groups: dict, world: int,
+                                                        split: str) -> None:
+    """Masks with a different valid count on every rank (one rank all padding, one rank
+    empty): single-process masked BatchNorm on the concatenated batch, one collective each
+    way."""
+    _assert_checks(groups[world, "masked"], f"masked/{split}/")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
 def test_ddp_training_matches_full_batch(groups: dict, world: int) -> None:
     """3 SGD steps under DDP (uneven batches) == 3 single-process steps on the full batch."""
     _assert_checks(groups[world, "equivalence"], "ddp/")
