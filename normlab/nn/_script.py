@@ -40,6 +40,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as TF
 
+from normlab.functional import activation
+from normlab.plan import compute_dtype
+
 __all__ = [
     "NotScriptableError",
     "ScriptableMixin",
@@ -61,21 +64,6 @@ class NotScriptableError(RuntimeError):
 
 # --- TorchScript-compatible modules ------------------------------------------------------
 # Annotations here are read by the TorchScript compiler: builtin types only.
-
-
-def _act(x: Tensor, act: str, slope: float) -> Tensor:
-    """The activation of normlab's fused layers; ``slope`` is leaky_relu's slope or elu's alpha."""
-    if act == "relu":
-        return torch.relu(x)
-    if act == "leaky_relu":
-        return TF.leaky_relu(x, slope)
-    if act == "elu":
-        return TF.elu(x, slope)
-    if act == "silu":
-        return TF.silu(x)
-    if act == "gelu":
-        return TF.gelu(x)
-    return x  # identity: names were validated by the layer the module was made from
 
 
 class ScriptFrozenBatchNorm(nn.Module):
@@ -104,7 +92,7 @@ class ScriptFrozenBatchNorm(nn.Module):
                 f"expected input of rank in {self.dims} with {self.num_features} channels at "
                 f"dim 1, got shape {input.shape}"
             )
-        work = torch.float64 if input.dtype == torch.float64 else torch.float32
+        work = compute_dtype(input.dtype)
         scale = self.weight.to(work) * torch.rsqrt(self.running_var.to(work) + self.eps)
         shift = self.bias.to(work) - self.running_mean.to(work) * scale
         shape = [1, -1] + [1] * (input.dim() - 2)
@@ -112,7 +100,7 @@ class ScriptFrozenBatchNorm(nn.Module):
         # (-running_mean * scale) can be large against the result, or overflow.
         y = torch.addcmul(shift.reshape(shape), input.to(work), scale.reshape(shape))
         y = y.to(input.dtype)
-        return _act(y, self.act, self.slope)
+        return activation(y, self.act, self.slope)
 
 
 class ScriptBatchNormAct(nn.modules.batchnorm._BatchNorm):
@@ -169,7 +157,7 @@ class ScriptBatchNormAct(nn.modules.batchnorm._BatchNorm):
             factor,
             self.eps,
         )
-        return _act(y, self.act, self.slope)
+        return activation(y, self.act, self.slope)
 
 
 class ScriptGroupNormAct(nn.GroupNorm):
@@ -191,7 +179,7 @@ class ScriptGroupNormAct(nn.GroupNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         y = TF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-        return _act(y, self.act, self.slope)
+        return activation(y, self.act, self.slope)
 
 
 class ScriptLayerNormAct(nn.LayerNorm):
@@ -212,7 +200,7 @@ class ScriptLayerNormAct(nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         y = TF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-        return _act(y, self.act, self.slope)
+        return activation(y, self.act, self.slope)
 
 
 # --- which module stands in for which layer -----------------------------------------------
