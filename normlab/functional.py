@@ -26,7 +26,7 @@ from normlab.ops.composite import activation
 from normlab.plan import ACTIVATIONS
 
 __all__ = [
-    "ACTIVATIONS", "activation", "batch_norm", "check_activation", "group_norm",
+    "ACTIVATIONS", "activation", "batch_norm", "batch_stats", "check_activation", "group_norm",
     "instance_norm", "layer_norm", "lengths_to_mask", "rms_norm", "stats_and_output",
 ]
 
@@ -182,16 +182,38 @@ def stats_and_output(
     bias: Tensor | None,
     eps: float,
     *,
+    mask: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Train-mode BatchNorm of ``input [N, C, *S]`` (checked by the caller) returning
-    ``(output, mean, biased var)``, the statistics ``[C]`` in the compute dtype: for the
-    variants that handle the running statistics themselves (ghost, in-place ABN)."""
-    p = plan.batch(input, True, eps)
-    y4, mean, var = ops.pieces(input, backend).normalize(
-        p.x4(input), weight, bias, per_sample=False, center=True, eps=eps
-    )
+    ``(output, mean, biased var)``, the statistics ``[C]`` in the compute dtype (over the
+    valid positions of ``mask [N, *S]``): for the variants that handle the running
+    statistics themselves (ghost, in-place ABN)."""
+    p = plan.batch(input, True, eps, 0.0, "identity", 0.0, mask is not None)
+    if p.masked:
+        y4, mean, var = ops.COMPOSITE.normalize(
+            p.x4(input), weight, bias, per_sample=False, center=True, eps=eps,
+            mask4=p.mask4(mask),
+        )
+    else:
+        y4, mean, var = ops.pieces(input, backend).normalize(
+            p.x4(input), weight, bias, per_sample=False, center=True, eps=eps
+        )
     return y4.reshape(input.shape), mean, var
+
+
+@torch.no_grad()
+def batch_stats(
+    input: Tensor, mask: Tensor | None = None, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased var)`` ``[C]`` of ``input [N, C, *S]`` (checked by the
+    caller), over the valid positions of ``mask [N, *S]`` if given; not differentiated."""
+    p = plan.batch(input, True, 0.0)
+    if mask is not None:
+        return ops.COMPOSITE.moments(
+            p.x4(input), per_sample=False, center=True, mask4=p.mask4(mask)
+        )
+    return ops.pieces(input, backend).moments(p.x4(input), per_sample=False, center=True)
 
 
 def instance_norm(

@@ -105,7 +105,9 @@ class FrozenBatchNorm(ScriptableMixin, CheckedHyperparameters):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input [N, C, *S]`` with the frozen statistics; a ``mask`` is checked
+        and otherwise changes nothing (no batch statistics are taken)."""
         _checks.check_tensor(input)
         _checks.check_dim(input, self._allowed_dims)
         if input.shape[1] != self.num_features:
@@ -113,6 +115,8 @@ class FrozenBatchNorm(ScriptableMixin, CheckedHyperparameters):
                 f"expected input with num_features={self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
+        if mask is not None:
+            _checks.check_mask(input, mask)
         for name in ("weight", "bias", "running_mean", "running_var"):
             # Any float dtype mixes (the result is the input's), devices do not.
             _checks.check_companion(input, getattr(self, name), name, match_dtype=False)

@@ -70,16 +70,19 @@ class GhostBatchNormBase(BatchNormBase):
             f"running_update={self.running_update!r}"
         )
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Ghost BatchNorm of ``input [N, C, *S]``; ``mask`` (bool ``[N, *S]``, ``True`` =
+        valid): each virtual batch's statistics over its valid positions; a virtual batch
+        of padding only records nothing."""
+        mask = self._check_input_dim(input, mask)
         vbs = self.virtual_batch_size
         if (
             not self.training
             or input.shape[0] <= vbs
-            or self._stats_frozen(input)
-            or _checks.one_value_per_channel(input)
+            or self._stats_frozen(input, mask)
+            or self._one_value(input, mask)
         ):
-            return super().forward(input)  # one virtual batch is plain BatchNorm
+            return super().forward(input, mask)  # one virtual batch is plain BatchNorm
         chunks = input.split(vbs)
         if chunks[-1].numel() // input.shape[1] == 1:
             raise ValueError(
@@ -87,14 +90,19 @@ class GhostBatchNormBase(BatchNormBase):
                 f"with virtual_batch_size={vbs} leaves a single sample of shape "
                 f"{tuple(input.shape[1:])}; choose a virtual_batch_size that divides the batch"
             )
+        masks = [None] * len(chunks) if mask is None else mask.split(vbs)
         outputs, means, variances, counts = [], [], [], []
-        for chunk in chunks:
-            y, mean, var = F.stats_and_output(chunk, self.weight, self.bias, self.eps)
+        for chunk, chunk_mask in zip(chunks, masks, strict=True):
+            y, mean, var = F.stats_and_output(
+                chunk, self.weight, self.bias, self.eps, mask=chunk_mask
+            )
             outputs.append(y)
-            means.append(mean)
-            variances.append(var)
-            counts.append(chunk.numel() // chunk.shape[1])
-        if self.track_running_stats:
+            count = _checks.valid_per_channel(chunk, chunk_mask)
+            if count:  # a virtual batch of padding only has no statistics to record
+                means.append(mean)
+                variances.append(var)
+                counts.append(count)
+        if self.track_running_stats and counts:
             self._update(means, variances, counts)
         return torch.cat(outputs, dim=0)
 

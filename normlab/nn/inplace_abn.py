@@ -79,8 +79,9 @@ class _InPlaceABNFunction(torch.autograd.Function):
         name: str,
         param: float,
         inplace: bool,
+        mask: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = F.stats_and_output(x, weight, bias, eps)
+        y, mean, var = F.stats_and_output(x, weight, bias, eps, mask=mask)
         z = _apply_(y, name, param)
         if inplace:
             x.copy_(z)
@@ -89,7 +90,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
         else:
             out = z
         ctx.save_for_backward(out, weight, bias, var)
-        ctx.eps, ctx.name, ctx.param = eps, name, param
+        ctx.eps, ctx.name, ctx.param, ctx.mask = eps, name, param, mask
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
@@ -117,15 +118,21 @@ class _InPlaceABNFunction(torch.autograd.Function):
         w = z3.new_ones(c) if weight is None else weight.to(work)
         b = z3.new_zeros(c) if bias is None else bias.to(work)
         xhat = (y3 - b.reshape(shape)) / w.reshape(shape)
-        count = z3.shape[0] * z3.shape[2]
+        # Padded positions (a mask) enter no statistic: the statistics' terms reach the
+        # valid ones only, over their count; the sums still run over every output.
+        valid = None if ctx.mask is None else ctx.mask.reshape(n, 1, -1).to(work)
+        count = z3.shape[0] * z3.shape[2] if valid is None else int(ctx.mask.sum())
         sum_dy = dy3.sum(dim=(0, 2))
         sum_dy_xhat = (dy3 * xhat).sum(dim=(0, 2))
         rstd = torch.rsqrt(var + ctx.eps)
-        dx = dy3 - (sum_dy / count).reshape(shape) - xhat * (sum_dy_xhat / count).reshape(shape)
+        through_stats = (sum_dy / count).reshape(shape) + xhat * (sum_dy_xhat / count).reshape(
+            shape
+        )
+        dx = dy3 - (through_stats if valid is None else through_stats * valid)
         dx = dx * (w * rstd).reshape(shape)
         dweight = None if weight is None else sum_dy_xhat.to(weight.dtype)
         dbias = None if bias is None else sum_dy.to(bias.dtype)
-        return dx.to(z.dtype).reshape(z.shape), dweight, dbias, None, None, None, None
+        return dx.to(z.dtype).reshape(z.shape), dweight, dbias, None, None, None, None, None
 
 
 class InPlaceABN(BatchNormBase):
@@ -169,15 +176,18 @@ class InPlaceABN(BatchNormBase):
             f"activation_param={self.activation_param}, inplace={self.inplace}"
         )
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``act(BatchNorm(input))``, in place when ``inplace``; ``mask`` (bool ``[N, *S]``,
+        ``True`` = valid): the statistics over the valid positions."""
+        mask = self._check_input_dim(input, mask)
+        count = _checks.valid_per_channel(input, mask)
         if (
             not self.training
-            or self._stats_frozen(input)
-            or _checks.one_value_per_channel(input)
-            or input.numel() == 0
+            or self._stats_frozen(input, mask)
+            or count <= 1  # one value per channel ("skip_update"), or none at all
         ):
-            return F.activation(super().forward(input), self.activation, self.activation_param)
+            y = super().forward(input, mask)
+            return F.activation(y, self.activation, self.activation_param)
         if self.weight is not None and bool((self.weight == 0).any()):
             raise ValueError(
                 "InPlaceABN needs weight without zero entries in training (backward divides "
@@ -189,11 +199,8 @@ class InPlaceABN(BatchNormBase):
         factor = self._average_factor()
         out, mean, var = _InPlaceABNFunction.apply(
             input, self.weight, self.bias, self.eps, self.activation, self.activation_param,
-            inplace,
+            inplace, mask,
         )
-        if self.track_running_stats and input.numel():
-            update_running_stats(
-                self.running_mean, self.running_var, mean, var,
-                input.numel() // input.shape[1], factor,
-            )
+        if self.track_running_stats:
+            update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
         return out

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from normlab import _checks
 from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
-from normlab.plan import compute_dtype
 
 __all__ = [
     "BatchRenormBase",
@@ -82,22 +81,22 @@ class BatchRenormBase(BatchNormBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Renormalized BatchNorm of ``input [N, C, *S]``; ``mask`` (bool ``[N, *S]``,
+        ``True`` = valid): statistics, ``r``, ``d`` and the running update over the valid
+        positions."""
+        mask = self._check_input_dim(input, mask)
         if (
             not self.training
             or self.running_mean is None
-            or self._stats_frozen(input)
-            or _checks.one_value_per_channel(input)
-            or input.numel() == 0  # no statistics to renormalize with: BatchNorm's empty output
+            or self._stats_frozen(input, mask)
+            or self._one_value(input, mask)
+            or _checks.valid_per_channel(input, mask) == 0  # nothing to renormalize with
         ):
-            return super().forward(input)
+            return super().forward(input, mask)
         factor = self._average_factor()
         with torch.no_grad():
-            dims = (0, *range(2, input.dim()))
-            var_b, mean_b = torch.var_mean(
-                input.detach().to(compute_dtype(input.dtype)), dim=dims, correction=0
-            )
+            mean_b, var_b = F.batch_stats(input, mask)
             sigma = torch.sqrt(self.running_var.to(var_b.dtype) + self.eps)
             r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1.0 / self.rmax, self.rmax)
             d = ((mean_b - self.running_mean.to(var_b.dtype)) / sigma).clamp(-self.dmax, self.dmax)
@@ -110,7 +109,7 @@ class BatchRenormBase(BatchNormBase):
             eff_bias = eff_bias + self.bias
         return F._batch_norm(
             input, self.running_mean, self.running_var, eff_weight, eff_bias, True, factor,
-            self.eps,
+            self.eps, mask=mask,
         )
 
 

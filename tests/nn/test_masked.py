@@ -292,3 +292,46 @@ def test_bad_mask_is_refused_by_instance_and_group_norm(make, message) -> None: 
             call(make(x))
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+VARIANTS = [  # id, factory, whether training normalizes with the masked batch statistics
+    ("renorm-warmup", lambda: normlab.BatchRenorm1d(6, rmax=1.0, dmax=0.0)),
+    ("ghost-one-virtual-batch", lambda: normlab.GhostBatchNorm1d(6, virtual_batch_size=8)),
+    ("inplace-abn-identity", lambda: normlab.InPlaceABN(6, activation="identity",
+                                                        inplace=False)),
+]
+
+
+@pytest.mark.parametrize(("make",), [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
+def test_variants_take_the_mask_like_batch_norm(make) -> None:  # noqa: ANN001
+    """Where a variant computes what BatchNorm computes (renorm in its warm-up, ghost with
+    one virtual batch, in-place ABN with the identity), the masked call equals masked
+    BatchNorm: outputs, input gradients and running statistics."""
+    x, mask = CASES[0].make(torch.float64)
+    layer, plain = make().double(), normlab.BatchNorm1d(6).double()
+    xs, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    (layer(xs * 1.0, mask=mask) * dy).sum().backward()
+    (plain(xp * 1.0, mask=mask) * dy).sum().backward()
+    torch.testing.assert_close(xs.grad, xp.grad)
+    torch.testing.assert_close(layer.running_mean, plain.running_mean)
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+
+
+def test_ghost_virtual_batches_each_use_their_valid_positions() -> None:
+    x, mask = CASES[0].make(torch.float64)  # [4, 6, 10]
+    layer = normlab.GhostBatchNorm1d(6, virtual_batch_size=2, running_update="sequential")
+    layer = layer.double()
+    plain = normlab.BatchNorm1d(6).double()
+    y = layer(x, mask=mask)
+    expected = torch.cat([plain(x[i:i + 2], mask=mask[i:i + 2]) for i in (0, 2)])
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+
+
+def test_frozen_batch_norm_checks_and_ignores_the_mask() -> None:
+    layer = normlab.FrozenBatchNorm1d(6)
+    x, mask = CASES[0].make(torch.float32)
+    assert torch.equal(layer(x, mask=mask), layer(x))
+    with pytest.raises(ValueError, match="mask"):
+        layer(x, mask=mask.float())
