@@ -58,6 +58,18 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
             "learning rate scaled linearly with the batch; test error vs batch size.",
         ),
         ExperimentInfo(
+            "sequences",
+            "BatchNorm on padded variable-length sequences",
+            "BatchNorm's statistics take the padding in, so what it computes depends on how "
+            "padded the batch is; with a mask (statistics over the valid steps) it does not, "
+            "and LayerNorm never did.",
+            "Noisy waveforms of 10-100 steps (3 classes by frequency), zero-padded to 100; "
+            "Conv1d(5) -> norm -> ReLU twice, mean over valid steps, linear; BatchNorm1d, "
+            "BatchNorm1d + mask, LayerNorm, none; SGD with momentum, batch 32. Test accuracy "
+            "in eval mode, and with batch statistics on test batches padded to 100 and to 200 "
+            "steps.",
+        ),
+        ExperimentInfo(
             "placement",
             "Where BatchNorm goes",
             "BatchNorm belongs between the affine layer and its activation; on the input "

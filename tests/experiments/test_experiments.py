@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from normlab.experiments.data import load_digits
 from normlab.experiments.lab import QUICK_STEPS, run_experiment
@@ -18,7 +19,8 @@ DIGITS = load_digits()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # How many runs each experiment makes in quick mode.
-QUICK_RUNS = {"bn-paper": 2, "learning-rate": 4, "init": 4, "batch-size": 8, "placement": 5}
+QUICK_RUNS = {"bn-paper": 2, "learning-rate": 4, "init": 4, "batch-size": 8, "placement": 5,
+              "sequences": 4}
 
 
 def test_every_experiment_has_a_quick_run_count() -> None:
@@ -69,3 +71,31 @@ def test_experiment_resumes_and_retrains_on_change(tmp_path: Path) -> None:
 def test_unknown_experiment() -> None:
     with pytest.raises(ValueError, match="experiment must be one of"):
         run_experiment("nope", quick=True)
+
+
+@pytest.mark.parametrize(("plain", "masked", "word"), [
+    ([(0.80, 0.90, 0.88)], [(0.92, 0.92, 0.92)], "reproduced"),  # train/eval gap of 10
+    ([(0.90, 0.90, 0.85), (0.9, 0.9, 0.86)], [(0.92, 0.92, 0.92)], "reproduced"),
+    ([(0.90, 0.90, 0.90)], [(0.92, 0.91, 0.91)], "not reproduced"),
+    ([(0.90, 0.90, 0.885)], [(0.92, 0.92, 0.92)], "inconclusive"),
+    ([(0.90, 0.90, 0.85), (0.9, 0.9, 0.9)], [(0.92, 0.92, 0.91)], "inconclusive"),
+])
+def test_sequences_verdict_rule(plain, masked, word) -> None:  # noqa: ANN001
+    from normlab.experiments.catalog import _padding_verdict
+
+    def runs(triples: list[tuple[float, float, float]]) -> list[dict[str, float]]:
+        return [{"final_test_acc": e, "test_acc_batch_stats": b,
+                 "test_acc_batch_stats_padded": p} for e, b, p in triples]
+
+    assert _padding_verdict(runs(plain), runs(masked)).startswith(f"Verdict: {word} (")
+
+
+def test_sequence_data_is_padded_and_seeded() -> None:
+    from normlab.experiments import sequences
+
+    x, lengths, labels = sequences.make_sequences(64, seed=3)
+    again = sequences.make_sequences(64, seed=3)
+    assert torch.equal(x, again[0]) and x.shape == (64, 1, sequences.MAX_LEN)
+    assert int(lengths.min()) >= 10 and set(labels.tolist()) <= {0, 1, 2}
+    steps = torch.arange(sequences.MAX_LEN)
+    assert bool((x[:, 0][steps >= lengths[:, None]] == 0).all())  # zeros past each length
