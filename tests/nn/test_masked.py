@@ -211,6 +211,21 @@ def test_masked_step_double_backward_runs_the_composite_code() -> None:
     assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["instance", "group"])
+def test_masked_rows_step_double_backward(norm: str) -> None:
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(2)) > 0.3
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if norm == "instance":
+            return normlab.functional.instance_norm(x, weight=w, mask=mask, backend="cpu")
+        return normlab.functional.group_norm(x, 2, w, mask=mask, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w), atol=1e-5)
+
+
 def test_masked_benchmark_quick(capsys: pytest.CaptureFixture) -> None:
     import importlib.util
     from pathlib import Path

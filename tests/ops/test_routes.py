@@ -49,10 +49,12 @@ class Call:
         return x, w, b, rm, rv
 
     def mask(self) -> torch.Tensor | None:
-        if not self.masked:
-            return None
-        spatial = (self.shape[0], *self.shape[2:])
-        return torch.rand(spatial, generator=torch.Generator().manual_seed(3)) > 0.3
+        return _padding((self.shape[0], *self.shape[2:])) if self.masked else None
+
+
+def _padding(shape: tuple[int, ...]) -> torch.Tensor:
+    """About 30% padding, the same for a call and its reference."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.3
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -82,7 +84,7 @@ def _batch(
     return lambda x: plan.batch(x, batch_stats, 1e-5, 0.1, act, 0.01, masked)
 
 
-_PADDING = torch.rand(4, 5, 6, generator=torch.Generator().manual_seed(3)) > 0.3
+_PADDING = _padding((4, 5, 6))
 
 
 BIG = (64, 16, 8, 16)  # past the fused-activation threshold (65536 elements)
@@ -105,6 +107,16 @@ CALLS = [
     Call("bn-train-masked-channels-last", (4, 16, 5, 6), _batch(masked=True),
          _masked_bn(_PADDING), (16,), True, CL,
          expected={"auto": "Composite", "cpu": "Composite", "torch": "Composite"},
+         masked=True),
+    Call("in-train-masked", (4, 5, 6), lambda x: plan.instance(x, True, 1e-5, 0.1, True),
+         lambda x, w, b, rm, rv: reference_masked.masked_instance_norm_forward(
+             x, _padding((4, 6)).numpy(), w, b), (5,), True,
+         expected={"auto": "MaskedRowsStep", "cpu": "MaskedRowsStep", "torch": "Composite"},
+         masked=True),
+    Call("gn-train-masked", (4, 6, 6), lambda x: plan.group(x, 2, 1e-5, "identity", 0.0, True),
+         lambda x, w, b, rm, rv: reference_masked.masked_group_norm_forward(
+             x, _padding((4, 6)).numpy(), 2, w, b), (6,),
+         expected={"auto": "MaskedRowsStep", "cpu": "MaskedRowsStep", "torch": "Composite"},
          masked=True),
     Call("bn-eval", (4, 16, 5, 5), _batch(batch_stats=False), _bn_eval, (16,), True,
          expected={"auto": "NativeEval", "cpu": "General", "torch": "Composite"}),

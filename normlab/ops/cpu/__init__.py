@@ -5,7 +5,8 @@
 - ``layouts``: the ``[N, G, K, S]`` view as the kernels' arrays;
 - ``impl``: the ops of ``normlab.ops._library`` on those kernels (registered for "cpu");
 - ``steps``: the one-call steps (BatchNorm training, the per-row norms);
-- ``masked``: masked BatchNorm training (statistics over a mask's valid positions);
+- ``masked``: masked BatchNorm, InstanceNorm and GroupNorm training (statistics over a
+  mask's valid positions);
 - ``native``: the entries that run torch's own kernels where they are faster.
 
 ``ROUTES`` lists the entries for CPU tensors per mode, fastest first; the routing table
@@ -20,7 +21,7 @@ from normlab.ops import _library
 from normlab.ops.composite import run
 from normlab.ops.cpu import impl
 from normlab.ops.cpu.kernels import ACT_CODES
-from normlab.ops.cpu.masked import MaskedBatchStep
+from normlab.ops.cpu.masked import MaskedBatchStep, MaskedRowsStep
 from normlab.ops.cpu.native import NativeEval, NativeNorm
 from normlab.ops.cpu.runtime import (
     FORKED_CHILD_WARNING,
@@ -74,7 +75,7 @@ class Pieces:
 
 PIECES = Pieces()
 ROUTES = {
-    "train": (BatchStep(), MaskedBatchStep(), RowsStep(fused_only=True), NativeNorm(),
-              RowsStep(fused_only=False), General()),
+    "train": (BatchStep(), MaskedBatchStep(), MaskedRowsStep(), RowsStep(fused_only=True),
+              NativeNorm(), RowsStep(fused_only=False), General()),
     "eval": (NativeEval(), General()),
 }

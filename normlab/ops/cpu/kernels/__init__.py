@@ -12,7 +12,12 @@ from normlab.ops.cpu.kernels.channels import (
     channel_rows_forward,
 )
 from normlab.ops.cpu.kernels.common import ACT_CODES, running_update
-from normlab.ops.cpu.kernels.masked import masked_planes_backward, masked_planes_forward
+from normlab.ops.cpu.kernels.masked import (
+    masked_planes_backward,
+    masked_planes_forward,
+    masked_rows_backward,
+    masked_rows_forward,
+)
 from normlab.ops.cpu.kernels.planes import planes_backward, planes_forward
 from normlab.ops.cpu.kernels.rows import rows_backward, rows_forward
 
@@ -24,6 +29,8 @@ __all__ = [
     "channel_rows_forward",
     "masked_planes_backward",
     "masked_planes_forward",
+    "masked_rows_backward",
+    "masked_rows_forward",
     "planes_backward",
     "planes_forward",
     "rows_backward",
