@@ -146,13 +146,33 @@ class BatchNormBase(NormBase):
         """Normalize ``input [N, C, *S]``; ``mask`` (bool, broadcastable to ``[N, *S]``,
         ``True`` = valid) restricts the batch statistics and the running update to the
         valid positions (``normlab.functional.batch_norm``)."""
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight"), params.get("bias")
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        if (
+            mask is None
+            and not self.freeze_stats
+            and _checks.fits(input, (self.num_features,), weight, bias, running_mean,
+                             running_var, at=1)
+            and input.dim() in self._allowed_dims
+            and input.numel() != input.shape[1]  # more than one value per channel, or none
+        ):
+            # The common case, checked in a few compares: the step needs no other decision.
+            if not self.training:
+                batch_stats, momentum = running_mean is None, 0.0
+            elif self.track_running_stats:
+                batch_stats, momentum = True, self._average_factor()
+            else:
+                batch_stats, momentum = True, 0.0
+            return F._batch_norm(
+                input, running_mean, running_var, weight, bias, batch_stats, momentum,
+                self.eps, self.act, self.slope,
+            )
         mask = self._check_input_dim(input, mask)
         batch_stats, running_mean, running_var, momentum = self._step(input, mask)
-        params = self._parameters
         return F._batch_norm(
-            input, running_mean, running_var, params.get("weight"), params.get("bias"),
-            batch_stats, momentum, self.eps, self.act, self.slope, None,
-            mask if batch_stats else None,
+            input, running_mean, running_var, weight, bias, batch_stats, momentum, self.eps,
+            self.act, self.slope, None, mask if batch_stats else None,
         )
 
 

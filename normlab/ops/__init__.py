@@ -103,17 +103,18 @@ def _register_cpu() -> None:
 
 
 _register_cpu()
-# (device type, batch_stats, backend, plan kind, masked) -> entries: filtered once.
-_FILTERED: dict[tuple[str, bool, str, str, bool], tuple[Provider, ...]] = {}
+# (device type, batch_stats, backend, plan kind, masked, activated) -> entries: filtered once.
+_FILTERED: dict[tuple[str, bool, str, str, bool, bool], tuple[Provider, ...]] = {}
 
 
 def routes(
     device_type: str, mode: str, backend: str = "auto", kind: str | None = None,
-    masked: bool = False,
+    masked: bool = False, activated: bool = True,
 ) -> tuple[Provider, ...]:
     """The entries a call on ``device_type`` in ``mode`` (``"train"``, ``"eval"``) tries
-    under ``backend`` (and for plans of ``kind``, ``masked`` ones: the entries that say
-    ``masks = True``), in order; the composite provider last."""
+    under ``backend`` (and for plans of ``kind``; ``masked`` ones: the entries that say
+    ``masks = True``; without an activation, not the entries that say
+    ``only_activated = True``), in order; the composite provider last."""
     entries = _ROUTES.get((device_type, mode), ())
     if backend != "auto":
         entries = tuple(e for e in entries if e.name == backend)
@@ -121,6 +122,8 @@ def routes(
         entries = tuple(e for e in entries if kind in e.kinds)
     if masked:
         entries = tuple(e for e in entries if getattr(e, "masks", False))
+    if not activated:
+        entries = tuple(e for e in entries if not getattr(e, "only_activated", False))
     return (*entries, COMPOSITE)
 
 
@@ -129,11 +132,14 @@ def route(plan: Plan, call: Call, backend: str | None = None) -> Provider:
     name = requested() if backend is None else _check_choice(backend, "backend")
     x = call.x
     device_type = "cpu" if x.is_cpu else x.device.type
-    key = (device_type, plan.batch_stats, name, plan.kind, plan.masked)
+    activated = plan.act != "identity"
+    key = (device_type, plan.batch_stats, name, plan.kind, plan.masked, activated)
     entries = _FILTERED.get(key)
     if entries is None:
         mode = "train" if plan.batch_stats else "eval"
-        entries = _FILTERED[key] = routes(device_type, mode, name, plan.kind, plan.masked)
+        entries = _FILTERED[key] = routes(
+            device_type, mode, name, plan.kind, plan.masked, activated
+        )
     for entry in entries:
         if entry.applies(plan, call):
             return entry

@@ -180,7 +180,7 @@ def test_every_entry_that_applies_matches_composite_and_reference(call: Call) ->
     p = call.make_plan(x)
     mode = "train" if p.batch_stats else "eval"
     results = {}
-    for entry in ops.routes("cpu", mode, "auto", p.kind, p.masked):
+    for entry in ops.routes("cpu", mode, "auto", p.kind, p.masked, p.act != "identity"):
         if not entry.applies(p, plan.Call(x, w, b, rm, rv, call.mask())):
             continue
         xs, ws, bs = (None if t is None else t.detach().clone().requires_grad_(True)

@@ -330,7 +330,7 @@ class RowsStep:
     kinds = frozenset(("group", "layer", "rms"))
 
     def __init__(self, fused_only: bool) -> None:
-        self.fused_only = fused_only
+        self.fused_only = self.only_activated = fused_only
 
     def applies(self, plan: Plan, call: Call) -> bool:
         x, weight, bias = call.x, call.weight, call.bias
