@@ -14,10 +14,10 @@ from torch import Tensor
 
 from normlab import running
 from normlab.ops import _library
-from normlab.ops.composite import activation
 from normlab.ops.cpu import kernels as K
 from normlab.ops.cpu.layouts import _STEP_DTYPES, _param_np
 from normlab.ops.cpu.runtime import supports, sync_threads
+from normlab.ops.cpu.steps import run_step
 from normlab.plan import Call, Plan
 
 
@@ -97,6 +97,19 @@ def _masked_backward(
     )
 
 
+def _masked_step_applies(plan: Plan, call: Call) -> bool:
+    """A masked training plan on non-empty contiguous float32/float64 CPU input in plain
+    eager mode, with contiguous affine parameters."""
+    x = call.x
+    if not (plan.masked and plan.batch_stats and x.dtype in _STEP_DTYPES):
+        return False
+    if not (x.numel() > 0 and x.is_contiguous() and supports(x) and _library.eager(x)):
+        return False
+    return not _library.composite_only(x) and all(
+        v is None or v.is_contiguous() for v in (call.weight, call.bias)
+    )
+
+
 class _MaskedKernels:
     forward = staticmethod(_masked_forward)
     backward = staticmethod(_masked_backward)
@@ -115,28 +128,18 @@ class MaskedBatchStep:
 
     @staticmethod
     def applies(plan: Plan, call: Call) -> bool:
-        x, weight, bias, running_mean, running_var, _ = call
-        if not (plan.masked and plan.batch_stats and x.dtype in _STEP_DTYPES):
-            return False
-        if not (x.numel() > 0 and x.is_contiguous() and supports(x) and _library.eager(x)):
-            return False
-        if _library.composite_only(x):
-            return False
-        for vector in (weight, bias, running_mean, running_var):
-            if vector is not None and not vector.is_contiguous():
-                return False
-        return running_mean is None or not (running_mean.requires_grad
-                                            or running_var.requires_grad)
+        running_mean, running_var = call.running_mean, call.running_var
+        return _masked_step_applies(plan, call) and (
+            running_mean is None
+            or (running_mean.is_contiguous() and running_var.is_contiguous()
+                and not (running_mean.requires_grad or running_var.requires_grad))
+        )
 
     @staticmethod
     def forward(plan: Plan, call: Call) -> Tensor:
         x, weight, bias, running_mean, running_var, mask = call
         args = (mask, running_mean, running_var, float(plan.momentum), float(plan.eps))
-        if _library.needs_grad(x, weight, bias):
-            y = _library.StepFunction.apply(_MASKED, x, weight, bias, *args)
-        else:
-            y = _masked_forward(None, x, weight, bias, *args)
-        return activation(y, plan.act, plan.slope)
+        return run_step(_MASKED, plan, None, x, weight, bias, args)
 
 
 def _masked_rows_forward(
@@ -229,27 +232,15 @@ class MaskedRowsStep:
 
     @staticmethod
     def applies(plan: Plan, call: Call) -> bool:
-        x, weight, bias, running_mean, running_var, _ = call
-        if not (plan.masked and plan.batch_stats and x.dtype in _STEP_DTYPES):
-            return False
-        if not (x.numel() > 0 and x.is_contiguous() and supports(x) and _library.eager(x)):
-            return False
-        if _library.composite_only(x):
-            return False
-        for vector in (weight, bias):
-            if vector is not None and not vector.is_contiguous():
-                return False
-        return running_mean is None or (
-            running_mean.dtype == x.dtype and running_var.dtype == x.dtype
-            and not (running_mean.requires_grad or running_var.requires_grad)
+        x, running_mean, running_var = call.x, call.running_mean, call.running_var
+        return _masked_step_applies(plan, call) and (
+            running_mean is None
+            or (running_mean.dtype == x.dtype and running_var.dtype == x.dtype
+                and not (running_mean.requires_grad or running_var.requires_grad))
         )
 
     @staticmethod
     def forward(plan: Plan, call: Call) -> Tensor:
         x, weight, bias, running_mean, running_var, mask = call
-        args = (mask, plan, running_mean, running_var)
-        if _library.needs_grad(x, weight, bias):
-            y = _library.StepFunction.apply(_MASKED_ROWS, x, weight, bias, *args)
-        else:
-            y = _masked_rows_forward(None, x, weight, bias, *args)
-        return activation(y, plan.act, plan.slope)
+        return run_step(_MASKED_ROWS, plan, None, x, weight, bias,
+                        (mask, plan, running_mean, running_var))

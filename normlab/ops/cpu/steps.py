@@ -61,7 +61,7 @@ def _plain_eager(x: Tensor) -> bool:
     )
 
 
-def _run(
+def run_step(
     kernels: Any,
     plan: Plan,
     code: int | None,
@@ -229,7 +229,7 @@ class BatchStep:
         layout = _step_layout(x, code or 0)
         args = (running_mean, running_var, float(plan.momentum), float(plan.eps), code or 0,
                 float(plan.slope), layout)
-        return _run(_BATCH, plan, code, x, weight, bias, args)
+        return run_step(_BATCH, plan, code, x, weight, bias, args)
 
 
 class _BatchKernels:
@@ -357,7 +357,7 @@ class RowsStep:
         code = fused_code(plan, x)
         args = (n * groups, groups, groups * k, float(plan.eps), plan.center, code or 0,
                 float(plan.slope))
-        return _run(_ROWS, plan, code, x, weight, bias, args)
+        return run_step(_ROWS, plan, code, x, weight, bias, args)
 
 
 class _RowsKernels:
