@@ -17,7 +17,7 @@ from torch import Tensor
 
 from normlab.plan import Plan
 
-__all__ = ["bessel", "record", "update_running_stats", "warn_non_finite"]
+__all__ = ["bessel", "non_finite_count", "record", "update_running_stats", "warn_non_finite"]
 
 # A provider's kernel for the update: (running_mean, running_var, batch_mean, batch_var,
 # correction, momentum) -> channels kept (non-finite), or None where it does not apply.
@@ -70,7 +70,8 @@ def update_running_stats(
     unbiased = batch_var * correction
     finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(unbiased))
     compiling = torch.compiler.is_compiling()
-    if not compiling and running_mean.dtype == batch_mean.dtype and bool(finite.all()):
+    on_cpu = _host_readable(batch_mean)
+    if not compiling and on_cpu and running_mean.dtype == batch_mean.dtype and bool(finite.all()):
         # The common case, in as few small ops as possible: lerp_ is exactly
         # (1 - momentum) * running + momentum * batch.
         running_mean.lerp_(batch_mean, momentum)
@@ -79,11 +80,14 @@ def update_running_stats(
     work = batch_mean.dtype
     new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
     new_var = running_var.to(work) * (1 - momentum) + unbiased * momentum
-    if compiling:
-        # No data-dependent branch under torch.compile (it would break the graph): guard
-        # unconditionally, without the warning.
+    if compiling or not on_cpu:
+        # No data-dependent branch under torch.compile (it would break the graph), and no
+        # host sync on other devices (it would stall their queue): guard unconditionally;
+        # on a device the kept channels are counted there, read by ``non_finite_count``.
         running_mean.copy_(torch.where(finite, new_mean, running_mean.to(work)))
         running_var.copy_(torch.where(finite, new_var, running_var.to(work)))
+        if not compiling:
+            _count_kept(finite)
         return
     if not bool(finite.all()):
         warn_non_finite()
@@ -131,6 +135,37 @@ def record(
         running_mean, running_var, batch_mean, batch_var,
         plan.values if count is None else count, plan.momentum, kernel=kernel,
     )
+
+
+def _host_readable(t: Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device sync (CPU tensors)."""
+    return t.is_cpu
+
+
+# Per device: how many channels kept their running statistics (non-finite batch
+# statistics), counted on the device without a host sync.
+_KEPT: dict[torch.device, Tensor] = {}
+
+
+def _count_kept(finite: Tensor) -> None:
+    kept = _KEPT.get(finite.device)
+    if kept is None:
+        kept = _KEPT[finite.device] = torch.zeros((), dtype=torch.long, device=finite.device)
+    kept.add_(finite.numel() - finite.sum())
+
+
+def non_finite_count(reset: bool = False) -> int:
+    """How many channel updates were skipped on non-CPU devices since the start (or the
+    last ``reset``) because their batch statistics were NaN/Inf; warns once when any were.
+    Reading it synchronizes with those devices: call it when you want to know (say, once
+    per epoch), not per step. On CPU the warning comes with the step itself."""
+    total = sum(int(kept) for kept in _KEPT.values() if kept.device.type != "meta")
+    if reset:
+        for kept in _KEPT.values():
+            kept.zero_()
+    if total:
+        warn_non_finite()
+    return total
 
 
 def warn_non_finite() -> None:

@@ -188,7 +188,9 @@ class InPlaceABN(BatchNormBase):
         ):
             y = super().forward(input, mask)
             return F.activation(y, self.activation, self.activation_param)
-        if self.weight is not None and bool((self.weight == 0).any()):
+        # Checked on CPU only: on other devices reading the answer would stall the queue
+        # (a zero weight there makes the input gradient non-finite).
+        if self.weight is not None and self.weight.is_cpu and bool((self.weight == 0).any()):
             raise ValueError(
                 "InPlaceABN needs weight without zero entries in training (backward divides "
                 "by weight to recover the normalized input)"

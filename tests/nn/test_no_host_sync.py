@@ -1,0 +1,76 @@
+"""No host sync on the non-CPU route: every layer's training and eval step, forward and
+backward, runs on the ``meta`` device, where any ``.item()``, ``bool()`` of a tensor or
+read of a value raises. (GPU work goes through the same composite route; see
+docs/gpu.md for what is measured on a GPU.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import running
+
+LAYERS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+    ("BatchNorm1d", lambda: normlab.BatchNorm1d(4), (8, 4)),
+    ("BatchNorm2d", lambda: normlab.BatchNorm2d(4), (4, 4, 3, 3)),
+    ("BatchNorm3d", lambda: normlab.BatchNorm3d(4), (2, 4, 2, 3, 3)),
+    ("BatchNormAct2d", lambda: normlab.BatchNormAct2d(4, act="silu"), (4, 4, 3, 3)),
+    ("BatchRenorm2d", lambda: normlab.BatchRenorm2d(4), (4, 4, 3, 3)),
+    ("GhostBatchNorm2d", lambda: normlab.GhostBatchNorm2d(4, virtual_batch_size=2),
+     (4, 4, 3, 3)),
+    ("InPlaceABN", lambda: normlab.InPlaceABN(4, inplace=False), (4, 4, 3, 3)),
+    ("FrozenBatchNorm2d", lambda: normlab.FrozenBatchNorm2d(4), (4, 4, 3, 3)),
+    ("SyncBatchNorm", lambda: normlab.SyncBatchNorm(4), (4, 4, 3, 3)),
+    ("InstanceNorm2d", lambda: normlab.InstanceNorm2d(4, affine=True,
+                                                      track_running_stats=True), (4, 4, 3, 3)),
+    ("GroupNorm", lambda: normlab.GroupNorm(2, 4), (4, 4, 3, 3)),
+    ("GroupNormAct", lambda: normlab.GroupNormAct(2, 4), (4, 4, 3, 3)),
+    ("LayerNorm", lambda: normlab.LayerNorm([3, 3]), (4, 4, 3, 3)),
+    ("LayerNormAct", lambda: normlab.LayerNormAct([3, 3], act="gelu"), (4, 4, 3, 3)),
+    ("RMSNorm", lambda: normlab.RMSNorm([3, 3]), (4, 4, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("make", "shape"), [c[1:] for c in LAYERS], ids=[c[0] for c in LAYERS])
+def test_step_runs_on_meta_without_host_sync(make, shape, train: bool) -> None:  # noqa: ANN001
+    layer = make().to("meta").train(train)
+    x = torch.randn(shape, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.device.type == "meta"
+
+
+def test_non_finite_statistics_are_counted_on_the_device_and_read_on_request() -> None:
+    """Off the CPU the guard runs unconditionally on the device; the kept channels are
+    counted there and read (one sync) when asked. Simulated with the CPU code path."""
+    running.non_finite_count(reset=True)
+    finite = torch.tensor([True, False, False])
+    running._count_kept(finite)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert running.non_finite_count(reset=True) == 2
+    assert running.non_finite_count() == 0
+
+
+def test_device_path_keeps_non_finite_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard taken off the CPU (run here on CPU tensors by pretending reads cost a
+    sync): the NaN channel keeps its running values, the others follow the update, and
+    the count records it, with no warning until asked."""
+    monkeypatch.setattr(running, "_host_readable", lambda t: False)
+    running.non_finite_count(reset=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    mean, var = torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([4.0, 1.0, 4.0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        running.update_running_stats(rm, rv, mean, var, 5, 0.5)
+    torch.testing.assert_close(rm, torch.tensor([0.5, 0.0, 1.0]))
+    torch.testing.assert_close(rv, torch.tensor([3.0, 1.0, 3.0]))  # 0.5 + 0.5 * 4 * 5/4
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert running.non_finite_count(reset=True) == 1
