@@ -73,3 +73,20 @@ def test_model_benchmark_quick_runs() -> None:
     assert set(result) == {*module.KINDS, "difference"}
     assert result["difference"] < 1e-4
     assert all(result[kind] > 0 for kind in module.KINDS)
+
+
+def test_gpu_benchmark_quick_runs_anywhere(tmp_path) -> None:  # noqa: ANN001
+    """benchmarks/gpu.py in quick mode (here on the CPU): every layer and mode, a JSON file
+    and the Markdown table docs/gpu.md takes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu.json"
+    rows = module.main(["--quick", "--json", str(out), "--reps", "1"])
+    assert len(rows) == 2 * len(module.CASES) and json.loads(out.read_text()) == rows
+    assert all(r["max_difference"] < 1e-4 and r["normlab_ms"] > 0 for r in rows)
