@@ -147,6 +147,11 @@ def _host_readable(t: Tensor) -> bool:
 _KEPT: dict[torch.device, Tensor] = {}
 
 
+def count_kept(finite: Tensor) -> None:
+    """Count, on ``finite``'s device, the channels whose update was skipped."""
+    _count_kept(finite)
+
+
 def _count_kept(finite: Tensor) -> None:
     kept = _KEPT.get(finite.device)
     if kept is None:

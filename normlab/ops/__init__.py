@@ -7,7 +7,8 @@ tensors, ``normlab.plan.Call``) of the plan
 ``x``'s shape and, in training with running buffers, their update
 (``normlab.running``). Its ``name`` is the backend it belongs to: ``"cpu"`` (normlab's
 numba kernels), ``"native"`` (torch's own kernels, taken by ``"auto"`` only) or
-``"torch"`` (the composite code, last entry of every route).
+``"torch"`` (the composite code, last entry of every route). CUDA (and ``meta``) tensors
+take torch's native kernels with normlab's semantics (``normlab.ops.torch_native``).
 
 The **routing table** lists, per device type and mode (``"train"``: batch statistics;
 ``"eval"``: given ones), the entries fastest first; a call takes the first whose
@@ -102,7 +103,16 @@ def _register_cpu() -> None:
     _PROVIDERS.append(cpu.NAME)
 
 
+def _register_torch_native() -> None:
+    from normlab.ops import torch_native
+
+    for device_type in torch_native.DEVICE_TYPES:
+        for mode, entries in torch_native.ROUTES.items():
+            _ROUTES[device_type, mode] = entries
+
+
 _register_cpu()
+_register_torch_native()
 # (device type, batch_stats, backend, plan kind, masked, activated) -> entries: filtered once.
 _FILTERED: dict[tuple[str, bool, str, str, bool, bool], tuple[Provider, ...]] = {}
 

@@ -74,3 +74,26 @@ def test_device_path_keeps_non_finite_channels(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(rv, torch.tensor([3.0, 1.0, 3.0]))  # 0.5 + 0.5 * 4 * 5/4
     with pytest.warns(RuntimeWarning, match="non-finite"):
         assert running.non_finite_count(reset=True) == 1
+
+
+def test_native_batch_train_guards_running_statistics_on_the_device() -> None:
+    """The CUDA route's BatchNorm training (torch's kernels, device independent: run here
+    on CPU tensors): torch's running update, except a channel whose statistics are not
+    finite, which keeps its values and is counted."""
+    from normlab import plan
+    from normlab.ops.torch_native import NativeBatchTrain
+
+    x = torch.randn(6, 3, 4)
+    x[2, 1, 0] = float("nan")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    expected_rm, expected_rv = rm.clone(), rv.clone()
+    torch.batch_norm(x, None, None, expected_rm, expected_rv, True, 0.1, 1e-5, False)
+    running.non_finite_count(reset=True)
+    p = plan.batch(x, True, 1e-5, 0.1)
+    y = NativeBatchTrain.forward(p, plan.Call(x, None, None, rm, rv))
+    assert y[:, 1].isnan().all() and not y[:, [0, 2]].isnan().any()
+    torch.testing.assert_close(rm[[0, 2]], expected_rm[[0, 2]])
+    torch.testing.assert_close(rv[[0, 2]], expected_rv[[0, 2]])
+    assert rm[1] == 0 and rv[1] == 1
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert running.non_finite_count(reset=True) == 1

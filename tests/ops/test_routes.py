@@ -171,16 +171,19 @@ def test_route(call: Call, backend: str) -> None:
         assert ops.route(p, tensors) is chosen
 
 
+@pytest.mark.parametrize("table", ["cpu", "cuda"])
 @pytest.mark.parametrize("call", CALLS, ids=[c.id for c in CALLS])
-def test_every_entry_that_applies_matches_composite_and_reference(call: Call) -> None:
-    """Conformance: each entry of the CPU route that takes the call gives the composite
-    provider's output, gradients and running statistics, and the reference's output."""
+def test_every_entry_that_applies_matches_composite_and_reference(call: Call, table: str) -> None:
+    """Conformance: each entry of a route that takes the call gives the composite
+    provider's output, gradients and running statistics, and the reference's output (the
+    CUDA route's entries, torch's native kernels, are device independent: run here on CPU
+    tensors)."""
     x, w, b, rm, rv = call.tensors()
     b = _bias(call, b)
     p = call.make_plan(x)
     mode = "train" if p.batch_stats else "eval"
     results = {}
-    for entry in ops.routes("cpu", mode, "auto", p.kind, p.masked, p.act != "identity"):
+    for entry in ops.routes(table, mode, "auto", p.kind, p.masked, p.act != "identity"):
         if not entry.applies(p, plan.Call(x, w, b, rm, rv, call.mask())):
             continue
         xs, ws, bs = (None if t is None else t.detach().clone().requires_grad_(True)
@@ -190,7 +193,8 @@ def test_every_entry_that_applies_matches_composite_and_reference(call: Call) ->
         y.backward(torch.ones_like(y).mul_(torch.linspace(-1, 1, y.numel()).view(y.shape)))
         results[type(entry).__name__] = (y.detach(), xs.grad, rms, rvs,
                                          None if ws is None else ws.grad)
-    assert "Composite" in results and (len(results) >= 2 or call.expected["cpu"] == "Composite")
+    assert "Composite" in results
+    assert len(results) >= 2 or table != "cpu" or call.expected["cpu"] == "Composite"
     tol = {"atol": 2e-2, "rtol": 2e-2} if x.dtype == torch.bfloat16 else {"atol": 1e-4,
                                                                            "rtol": 1e-4}
     want = results.pop("Composite")
@@ -205,11 +209,19 @@ def test_every_entry_that_applies_matches_composite_and_reference(call: Call) ->
                 torch.testing.assert_close(a, e, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_other_devices_route_to_the_composite_provider() -> None:
+def test_cuda_and_meta_route_to_torch_natives_then_composite() -> None:
+    """Devices without a normlab provider take torch's native kernels (meta proves they
+    read nothing back); masks and InstanceNorm training the composite code."""
     x = torch.empty(4, 6, 5, device="meta")
-    p = plan.batch(x, True, 1e-5, 0.1)
-    assert ops.route(p, plan.Call(x)) is ops.COMPOSITE
+    assert type(ops.route(plan.batch(x, True, 1e-5, 0.1), plan.Call(x))).__name__ == (
+        "NativeBatchTrain")
+    assert type(ops.route(plan.layer(x, (5,), 1e-5), plan.Call(x))).__name__ == "NativeNorm"
+    assert ops.route(plan.instance(x, True, 1e-5), plan.Call(x)) is ops.COMPOSITE
+    masked = plan.batch(x, True, 1e-5, 0.1, "identity", 0.0, True)
+    assert ops.route(masked, plan.Call(x)) is ops.COMPOSITE
+    assert ops.route(plan.batch(x, True, 1e-5, 0.1), plan.Call(x), "torch") is ops.COMPOSITE
     assert ops.pieces(x) is ops.COMPOSITE
+    assert [type(e).__name__ for e in ops.routes("cuda", "eval")] == ["NativeEval", "Composite"]
 
 
 def test_backend_choice_argument_context_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
