@@ -118,10 +118,23 @@ class BatchNormBase(NormBase):
         call it after :meth:`_check_input_dim`."""
         if not (self.training and self.track_running_stats):
             return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
+        tracked = self.num_batches_tracked
+        tracked.add_(1)
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            return 1.0 / self._batches_seen(tracked)
         return self.momentum
+
+    def _batches_seen(self, tracked: Tensor) -> int:
+        """``num_batches_tracked`` as a Python int, read from the buffer only when something
+        else than this layer's own counting changed it (a checkpoint, a reset): on a GPU,
+        reading it every step would stall the queue."""
+        seen = self.__dict__.get("_seen")
+        if seen is not None and seen[0] is tracked and seen[1] == tracked._version - 1:
+            count = seen[2] + 1
+        else:
+            count = int(tracked)
+        self.__dict__["_seen"] = (tracked, tracked._version, count)
+        return count
 
     def _step(
         self, input: Tensor, mask: Tensor | None = None

@@ -97,3 +97,28 @@ def test_native_batch_train_guards_running_statistics_on_the_device() -> None:
     assert rm[1] == 0 and rv[1] == 1
     with pytest.warns(RuntimeWarning, match="non-finite"):
         assert running.non_finite_count(reset=True) == 1
+
+
+def test_cumulative_average_reads_the_counter_only_after_outside_changes() -> None:
+    """momentum=None: the layer counts batches itself and re-reads num_batches_tracked only
+    when something else changed it (a checkpoint, a reset), matching torch every time."""
+    ours, theirs = normlab.BatchNorm1d(3, momentum=None), nn.BatchNorm1d(3, momentum=None)
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        x = torch.randn(8, 3, generator=g)
+        ours(x), theirs(x)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+    step(), step()
+    state = theirs.state_dict()
+    state["num_batches_tracked"] = torch.tensor(7)
+    ours.load_state_dict(state), theirs.load_state_dict(state)
+    step(), step()
+    ours.reset_running_stats(), theirs.reset_running_stats()
+    step()
+    ours.num_batches_tracked = torch.tensor(3)  # a new tensor
+    theirs.num_batches_tracked = torch.tensor(3)
+    step()
