@@ -87,7 +87,7 @@ def update_running_stats(
         running_mean.copy_(torch.where(finite, new_mean, running_mean.to(work)))
         running_var.copy_(torch.where(finite, new_var, running_var.to(work)))
         if not compiling:
-            _count_kept(finite)
+            count_kept(finite)
         return
     if not bool(finite.all()):
         warn_non_finite()
@@ -149,10 +149,6 @@ _KEPT: dict[torch.device, Tensor] = {}
 
 def count_kept(finite: Tensor) -> None:
     """Count, on ``finite``'s device, the channels whose update was skipped."""
-    _count_kept(finite)
-
-
-def _count_kept(finite: Tensor) -> None:
     kept = _KEPT.get(finite.device)
     if kept is None:
         kept = _KEPT[finite.device] = torch.zeros((), dtype=torch.long, device=finite.device)

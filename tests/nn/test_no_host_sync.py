@@ -51,7 +51,7 @@ def test_non_finite_statistics_are_counted_on_the_device_and_read_on_request() -
     counted there and read (one sync) when asked. Simulated with the CPU code path."""
     running.non_finite_count(reset=True)
     finite = torch.tensor([True, False, False])
-    running._count_kept(finite)
+    running.count_kept(finite)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         assert running.non_finite_count(reset=True) == 2
     assert running.non_finite_count() == 0
