@@ -81,10 +81,14 @@ def demo(out: Path, steps: int, target: float, norms: str, seed: int, threads: i
          backend: str, progress: bool) -> None:
     """Train one MLP without and with BatchNorm, LayerNorm and GroupNorm on the bundled
     8x8 digits (no download), print a summary table and write OUT/report.html."""
+    valid = ("none", "batch", "layer", "group")
     chosen = [n.strip() for n in norms.split(",") if n.strip()]
-    bad = sorted(set(chosen) - {"none", "batch", "layer", "group"})
+    bad = sorted(set(chosen) - set(valid))
     if bad or not chosen:
-        raise click.BadParameter(f"unknown norm(s) {bad}", param_hint="--norms")
+        raise click.BadParameter(
+            f"unknown norm(s) {', '.join(bad) or '(none given)'}; choose from "
+            f"{', '.join(valid)}", param_hint="--norms",
+        )
     with _lab(threads, backend):
         from normlab.experiments.demo import run_demo
         from normlab.experiments.report import format_table
@@ -174,6 +178,10 @@ def figure() -> None:
 def norms(out: Path) -> None:
     """The [N, C, H, W] cube: which elements BatchNorm, LayerNorm, InstanceNorm and
     GroupNorm average over."""
+    if out.suffix.lower() != ".png":
+        raise click.BadParameter(
+            f"the figure is written as PNG: give a .png path, got {out.name}", param_hint="--out"
+        )
     from normlab.experiments.figures import norms_cube
 
     click.echo(f"wrote {norms_cube(out)}")

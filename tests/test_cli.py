@@ -61,6 +61,7 @@ def test_demo_command(tmp_path: Path) -> None:
     assert (tmp_path / "report.html").is_file()
     bad = CliRunner().invoke(main, ["demo", "--norms", "batch,weird"])
     assert bad.exit_code == 2 and "weird" in bad.output
+    assert "none, batch, layer, group" in bad.output  # the valid names
 
 
 def test_experiment_command(tmp_path: Path) -> None:
@@ -82,6 +83,9 @@ def test_figure_norms(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["figure", "norms", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:4] == b"\x89PNG"
+    jpg = CliRunner().invoke(main, ["figure", "norms", "--out", str(tmp_path / "cube.jpg")])
+    assert jpg.exit_code == 2 and ".png" in jpg.output
+    assert not (tmp_path / "cube.jpg").exists()
 
 
 def test_bench_passes_arguments_through(monkeypatch: pytest.MonkeyPatch) -> None:
