@@ -8,6 +8,7 @@ report sections; :func:`run_experiment` writes them to ``report.html``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -110,6 +111,21 @@ class ExperimentResult:
     headline: str = ""
 
 
+def _refuse_other_budget(path: Path, quick: bool, resume: bool) -> None:
+    if not resume or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the store reports unreadable files itself
+    if isinstance(stored, dict) and stored.get("runs") and stored.get("quick", quick) != quick:
+        held, asked = ("quick", "full-budget") if stored["quick"] else ("full-budget", "quick")
+        raise ValueError(
+            f"{path.parent} holds {held} results; a {asked} run would overwrite them: choose "
+            f"another --out, or pass --fresh to replace them"
+        )
+
+
 def run_experiment(
     name: str,
     out_dir: str | Path | None = None,
@@ -125,7 +141,10 @@ def run_experiment(
 ) -> tuple[Path, ExperimentResult]:
     """Run experiment ``name`` and write ``results.json``, PNGs and ``report.html``.
 
-    Returns the report path and the result. ``out_dir`` defaults to ``runs/<name>``.
+    Returns the report path and the result. ``out_dir`` defaults to ``runs/<name>`` (and
+    ``runs/<name>-quick`` in quick mode); a folder holding results of the other budget
+    (full vs quick) is refused unless ``resume`` is off (``--fresh``), so a smoke run never
+    overwrites a full one.
     """
     from normlab.experiments.catalog import CATALOG
     from normlab.experiments.registry import EXPERIMENTS
@@ -135,7 +154,9 @@ def run_experiment(
     if budget <= 0:
         raise ValueError(f"budget must be > 0, got {budget}")
     info = EXPERIMENTS[name]
-    out = Path(out_dir) if out_dir is not None else Path("runs") / name
+    default = Path("runs") / (f"{name}-quick" if quick else name)
+    out = Path(out_dir) if out_dir is not None else default
+    _refuse_other_budget(out / "results.json", quick, resume)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = load_dataset(data_dir)

@@ -99,3 +99,18 @@ def test_sequence_data_is_padded_and_seeded() -> None:
     assert int(lengths.min()) >= 10 and set(labels.tolist()) <= {0, 1, 2}
     steps = torch.arange(sequences.MAX_LEN)
     assert bool((x[:, 0][steps >= lengths[:, None]] == 0).all())  # zeros past each length
+
+
+def test_quick_run_never_overwrites_a_full_one(tmp_path: Path) -> None:
+    """A folder of full-budget results refuses a --quick run into it (and the reverse)
+    unless the user asks for a fresh start; the quick default folder is its own."""
+    full = {"experiment": "placement", "quick": False, "runs": {"x": {"config": {},
+                                                                      "result": {}}}}
+    (tmp_path / "results.json").write_text(json.dumps(full))
+    with pytest.raises(ValueError, match="holds full-budget results; a quick run"):
+        run_experiment("placement", tmp_path, quick=True, progress=False, data=DIGITS,
+                       echo=lambda s: None)
+    assert json.loads((tmp_path / "results.json").read_text()) == full  # untouched
+    run_experiment("placement", tmp_path, quick=True, progress=False, data=DIGITS,
+                   echo=lambda s: None, resume=False)  # --fresh: replaced on purpose
+    assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
