@@ -157,7 +157,13 @@ def run_experiment(
     default = Path("runs") / (f"{name}-quick" if quick else name)
     out = Path(out_dir) if out_dir is not None else default
     _refuse_other_budget(out / "results.json", quick, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any training: an unwritable folder is said at once, in one line
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".normlab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     if data is None:
         data = load_dataset(data_dir)
     if quick:

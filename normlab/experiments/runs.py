@@ -222,6 +222,11 @@ class ResultStore:
                 raise ValueError(
                     f"{self.path}: not valid JSON ({exc}); delete it to start over"
                 ) from exc
+            if not isinstance(stored, dict) or not isinstance(stored.get("runs", {}), dict):
+                raise ValueError(
+                    f"{self.path}: not a normlab results file (expected an object with "
+                    f'"experiment" and "runs"); delete it or choose another --out'
+                )
             if stored.get("experiment") == experiment:
                 self.runs = dict(stored.get("runs", {}))
 

@@ -114,3 +114,15 @@ def test_quick_run_never_overwrites_a_full_one(tmp_path: Path) -> None:
     run_experiment("placement", tmp_path, quick=True, progress=False, data=DIGITS,
                    echo=lambda s: None, resume=False)  # --fresh: replaced on purpose
     assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
+
+
+def test_bad_output_folder_is_said_before_training(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a normlab results file"):
+        run_experiment("placement", tmp_path, quick=True, progress=False, data=DIGITS,
+                       echo=lambda s: None)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match="cannot write to --out"):
+        run_experiment("placement", blocked / "sub", quick=True, progress=False, data=DIGITS,
+                       echo=lambda s: None)
