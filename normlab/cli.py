@@ -147,10 +147,16 @@ def _experiment_command(name: str) -> click.Command:
             from normlab.experiments.lab import run_experiment
             from normlab.experiments.report import format_table
 
-            report, result = run_experiment(
-                name, out, data_dir=data_dir, quick=quick, budget=budget, seed=seed,
-                progress=progress, resume=not fresh, echo=_echo_err,
-            )
+            try:
+                report, result = run_experiment(
+                    name, out, data_dir=data_dir, quick=quick, budget=budget, seed=seed,
+                    progress=progress, resume=not fresh, echo=_echo_err,
+                )
+            except KeyboardInterrupt:
+                where = out or Path("runs") / (f"{name}-quick" if quick else name)
+                _echo_err(f"\ninterrupted: the finished runs are kept in {where}/results.json; "
+                          "run the same command again to resume from them")
+                raise SystemExit(130) from None
         if result.summary is not None:
             click.echo()
             click.echo(format_table(result.summary))

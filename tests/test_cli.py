@@ -109,3 +109,17 @@ def test_version() -> None:
 
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and normlab.__version__ in result.output
+
+
+def test_experiment_interrupted_says_how_to_resume(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    import normlab.experiments.lab as lab
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab, "run_experiment", interrupted)
+    result = CliRunner().invoke(main, ["experiment", "placement", "--quick", "--out",
+                                       str(tmp_path)])
+    assert result.exit_code == 130
+    assert "results.json" in result.output and "resume" in result.output
