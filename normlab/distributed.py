@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normlab import _checks, ops, plan
+from normlab import functional as F
 from normlab.running import update_running_stats
 
 __all__ = [
@@ -267,11 +268,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _view4(input: Tensor) -> Tensor:
-    """``[N, C, *S] -> [N, C, 1, prod(S)]``: BatchNorm's plan view."""
-    return plan.batch(input, True, 0.0).x4(input)
-
-
 def batch_stats(
     input: Tensor,
     process_group: ProcessGroup = None,
@@ -289,14 +285,10 @@ def batch_stats(
     0 and 1 (nothing is normalized; nothing should be recorded), with a ``mask`` (bool
     ``[N, *S]``: statistics over its valid positions) 0 and +inf (the output is ``bias``).
     """
-    x4 = _view4(input)
-    local_count = x4.shape[0] * x4.shape[3] if mask is None else int(mask.sum())
+    local_count = _checks.valid_per_channel(input, mask)
     with torch.no_grad():
-        if local_count > 0 and mask is not None:
-            mask4 = mask.reshape(x4.shape[0], 1, 1, x4.shape[3])
-            mean, var = ops.COMPOSITE.moments(x4, per_sample=False, center=True, mask4=mask4)
-        elif local_count > 0:
-            mean, var = ops.pieces(input, backend).moments(x4, per_sample=False, center=True)
+        if local_count > 0:
+            mean, var = F.batch_stats(input, mask, backend=backend)
         else:
             mean = torch.zeros(
                 input.shape[1], dtype=plan.compute_dtype(input.dtype), device=input.device
@@ -329,8 +321,8 @@ def normalize_synced(
     the statistics too: ONE all_reduce in backward, on every rank), ``weight`` and ``bias``
     (this rank's share; DDP sums the shares). The output may be modified in place. With
     the ``mask`` the statistics came from, only valid positions get their gradient terms."""
-    x4 = _view4(input)
-    mask4 = None if mask is None else mask.reshape(x4.shape[0], 1, 1, x4.shape[3])
+    view = plan.batch(input, True, eps)
+    x4, mask4 = view.x4(input), None if mask is None else view.mask4(mask)
     y4 = _SyncBatchNormFunction.apply(
         x4, weight, bias, mean, var, count, eps, process_group, backend, mask4
     )

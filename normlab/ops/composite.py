@@ -149,15 +149,23 @@ def _masked_normalize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`normalize` over the valid positions of ``mask4``: padding adds nothing to the
     statistics, so its gradient is only through its own output."""
+    mean, var, count = _masked_moments(xc, mask4, dims, per_sample, center)
+    rstd = torch.where(count > 0, torch.rsqrt(var + eps), torch.zeros_like(var))
+    xhat = (xc - _broadcast_stats(mean, per_sample)) * _broadcast_stats(rstd, per_sample)
+    return _affine(xhat, weight, bias).to(dtype), mean, var
+
+
+def _masked_moments(
+    xc: Tensor, mask4: Tensor, dims: tuple[int, ...], per_sample: bool, center: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased var, count)`` over the valid positions (zeros where there is none)."""
     valid = mask4.to(xc.dtype).expand_as(xc)
     count = valid.sum(dim=dims)
     per = count.clamp_min(1)
     mean = (xc * valid).sum(dim=dims) / per if center else torch.zeros_like(count)
     centred = xc - _broadcast_stats(mean, per_sample)
     var = (centred * valid).square().sum(dim=dims) / per
-    rstd = torch.where(count > 0, torch.rsqrt(var + eps), torch.zeros_like(var))
-    xhat = centred * _broadcast_stats(rstd, per_sample)
-    return _affine(xhat, weight, bias).to(dtype), mean, var
+    return mean, var, count
 
 
 def normalize_with_stats(
@@ -189,8 +197,7 @@ def moments(
     xc = x4.to(compute_dtype(x4.dtype))
     dims = _reduce_dims(per_sample)
     if mask4 is not None:
-        _, mean, var = _masked_normalize(xc, mask4, None, None, dims, per_sample, center, 0.0,
-                                         xc.dtype)
+        mean, var, _ = _masked_moments(xc, mask4, dims, per_sample, center)
         return mean, var
     if center:
         var, mean = torch.var_mean(xc, dim=dims, correction=0)
