@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from normlab import __version__
+from normlab._version import __version__
 from normlab.experiments.registry import EXPERIMENTS
 
 __all__ = ["main"]

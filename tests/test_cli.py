@@ -123,3 +123,48 @@ def test_experiment_interrupted_says_how_to_resume(monkeypatch: pytest.MonkeyPat
                                        str(tmp_path)])
     assert result.exit_code == 130
     assert "results.json" in result.output and "resume" in result.output
+
+
+# Runs the CLI as `python -m normlab ARGS` would, then reports which heavy libraries the
+# process imported: --help and `experiment list` must not pay for torch (seconds).
+_IMPORTS_PROBE = """
+import json, runpy, sys
+sys.argv = ["normlab", *sys.argv[1:]]
+try:
+    runpy.run_module("normlab", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in ("torch", "numba", "matplotlib", "sklearn") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["experiment", "list"], ["--version"],
+                                  ["experiment", "--help"]], ids=" ".join)
+def test_light_commands_do_not_import_torch(args: list[str]) -> None:
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["code"] in (0, None), proc.stderr
+    assert proc.stdout.strip(), "the command printed nothing"
+    assert report["heavy"] == [], f"`normlab {' '.join(args)}` imported {report['heavy']}"
+
+
+def test_lazy_package_exports_every_layer() -> None:
+    import importlib.metadata
+
+    import normlab
+    import normlab.nn
+
+    assert set(normlab.nn.__all__) <= set(normlab.__all__)
+    assert normlab.BatchNorm2d is normlab.nn.BatchNorm2d
+    assert normlab.use_backend is importlib.import_module("normlab.ops").use_backend
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = normlab.no_such_name
+    # The version constant the CLI reads without torch is the installed distribution's.
+    assert normlab.__version__ == importlib.metadata.version("normlab")
