@@ -13,6 +13,7 @@ The names below load on first use (PEP 562), so ``import normlab`` alone, and wi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from normlab._version import __version__ as __version__
@@ -54,7 +55,11 @@ def __getattr__(name: str) -> Any:
         value = importlib.import_module(module)
         if attr is not None:
             value = getattr(value, attr)
-    elif not name.startswith("__") and name in _layer_names():
+    elif name.startswith("_") or importlib.util.find_spec(f"normlab.{name}") is not None:
+        # a submodule (``from normlab import running``): the import system loads it; looking
+        # through the layers here would import normlab.nn in the middle of that import
+        raise AttributeError(f"module 'normlab' has no attribute {name!r}")
+    elif name in _layer_names():
         value = getattr(importlib.import_module("normlab.nn"), name)
     else:
         raise AttributeError(f"module 'normlab' has no attribute {name!r}")
