@@ -476,7 +476,11 @@ def load_cifar10(directory: str | Path) -> Dataset:
         directory = directory / "cifar-10-batches-py"
     missing = [n for n in [*_CIFAR_TRAIN, _CIFAR_TEST] if not (directory / n).is_file()]
     if missing:
-        raise ValueError(f"{directory}: missing CIFAR-10 batch file(s) {missing}")
+        have = len(_CIFAR_TRAIN) + 1 - len(missing)
+        raise ValueError(
+            f"{directory}: incomplete CIFAR-10 folder ({have} of the 6 batch files): "
+            f"missing {', '.join(missing)}; extract the whole cifar-10-python.tar.gz here"
+        )
     train = [_read_cifar_batch(directory / n) for n in _CIFAR_TRAIN]
     xte, yte = _read_cifar_batch(directory / _CIFAR_TEST)
     xtr = np.concatenate([x for x, _ in train])
@@ -493,7 +497,11 @@ def load_dataset(directory: str | Path | None = None) -> Dataset:
         raise ValueError(f"--data {directory}: not a directory")
     if _find_idx(directory, _MNIST_FILES["x_train"]) is not None:
         return load_mnist(directory)
-    if (directory / "cifar-10-batches-py").is_dir() or (directory / _CIFAR_TEST).is_file():
+    # Any one CIFAR-10 batch file marks a CIFAR folder, so a partial one is told which
+    # files it lacks rather than that no data was found.
+    if (directory / "cifar-10-batches-py").is_dir() or any(
+        (directory / n).is_file() for n in [*_CIFAR_TRAIN, _CIFAR_TEST]
+    ):
         return load_cifar10(directory)
     raise ValueError(
         f"--data {directory}: found neither MNIST/Fashion-MNIST IDX files "

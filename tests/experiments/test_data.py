@@ -381,3 +381,24 @@ def test_digits_split_is_stratified_and_seeded() -> None:
     assert torch.equal(data.y_test, again.y_test) and torch.equal(data.x_train, again.x_train)
     sub = data.subset(100, 50, seed=3)
     assert len(sub.y_train) == 100 and len(sub.y_test) == 50
+
+
+@pytest.mark.parametrize("keep", [["data_batch_1"], ["data_batch_1", "data_batch_2", "test_batch"],
+                                  ["test_batch"]], ids="+".join)
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "cifar-10-batches-py"])
+def test_partial_cifar_folder_names_the_missing_files(tmp_path: Path, keep: list[str],
+                                                      nested: bool) -> None:
+    folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path / "c"
+    write_cifar(folder)
+    every = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    for name in every:
+        if name not in keep:
+            (folder / name).unlink()
+    with pytest.raises(ValueError, match="incomplete CIFAR-10 folder") as info:
+        load_dataset(tmp_path if nested else folder)
+    message = str(info.value)
+    assert "found neither" not in message
+    assert f"({len(keep)} of the 6 batch files)" in message
+    for name in every:
+        # Each missing file named, each present one not ("data_batch_1" is a prefix of none).
+        assert (name in message.split("missing", 1)[1]) == (name not in keep), message
