@@ -1,20 +1,50 @@
 """Plots for the lab, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
-Each function writes one PNG and returns its path.
+Each ``*_plot`` function writes one PNG and returns its path; the matching ``*_figure``
+function builds the same :class:`~matplotlib.figure.Figure` without writing it (for
+tests, or to draw more on it).
+
+Conventions, so a plot reads at a glance: accuracy and error axes in percent, accuracy on
+a fixed 0-100% axis, error axes from 0 (and 0-100% with ``fixed=True``, for quick or
+synthetic runs whose noise should not be blown up), log sweep axes ticked at the swept
+values in plain numbers, legends outside the data area, dashed target and dotted chance
+lines, and a log-error panel beside accuracy curves that would lie on top of each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-__all__ = ["curves_plot", "norms_cube", "percentiles_plot", "save", "sweep_plot"]
+__all__ = [
+    "curves_figure",
+    "curves_plot",
+    "norms_cube",
+    "percentiles_figure",
+    "percentiles_plot",
+    "save",
+    "sweep_figure",
+    "sweep_plot",
+]
 
 Series = tuple[str, Sequence[float], Sequence[float | None]]
+Metric = Literal["accuracy", "error", "other"]
+
+# Accuracy curves whose last values lie within this many points of each other, above
+# OVERLAP_FLOOR, are drawn on top of each other on a 0-100% axis: they get an error panel.
+OVERLAP_POINTS = 0.10
+OVERLAP_FLOOR = 0.5
+
+
+# Fractions as percent, no trailing zeros: "4%", "0.5%", "100%".
+_PERCENT = FuncFormatter(lambda v, _pos: f"{100 * v:.4g}%")
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -35,6 +65,105 @@ def _values(ys: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in ys], dtype=float)
 
 
+def _metric(ylabel: str, metric: Metric | None) -> Metric:
+    """What the y axis shows: given, or read from its label."""
+    if metric is not None:
+        return metric
+    text = ylabel.lower()
+    return "error" if "error" in text else "accuracy" if "accuracy" in text else "other"
+
+
+def _percent_axis(ax: Axes, metric: Metric, *, fixed: bool, log: bool = False) -> None:
+    """Percent ticks on y; accuracy on 0-100%, error from 0 (0-100% when ``fixed``)."""
+    if metric == "other":
+        return
+    ax.yaxis.set_major_formatter(_PERCENT)
+    if log:
+        ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels would crowd the axis
+        return
+    if metric == "accuracy" or fixed:
+        ax.set_ylim(0.0, 1.0)
+    else:
+        ax.set_ylim(bottom=0.0)
+
+
+def _ref_lines(ax: Axes, metric: Metric, target: float | None, chance: float | None) -> None:
+    """A dashed target line and a dotted chance line, labelled in the axis' units."""
+    def fmt(v: float) -> str:
+        return f"{100 * v:g}%" if metric != "other" else f"{v:g}"
+
+    if target is not None:
+        ax.axhline(target, color="0.35", linestyle="--", linewidth=1, label=f"target {fmt(target)}")
+    if chance is not None:
+        ax.axhline(chance, color="0.35", linestyle=":", linewidth=1.2,
+                   label=f"chance {fmt(chance)}")
+
+
+def _legend_outside(ax: Axes, title: str | None = None) -> None:
+    """The legend right of the axes, so it never hides a curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, title=title,
+              fontsize="small", title_fontsize="small")
+
+
+def _overlapping(series: Sequence[Series]) -> bool:
+    """True when the curves end within OVERLAP_POINTS of each other, above OVERLAP_FLOOR."""
+    last = []
+    for _, _, ys in series:
+        finite = _values(ys)[np.isfinite(_values(ys))]
+        if finite.size:
+            last.append(float(finite[-1]))
+    return (len(last) >= 2 and min(last) > OVERLAP_FLOOR
+            and max(last) - min(last) < OVERLAP_POINTS)
+
+
+def curves_figure(
+    series: Sequence[Series],
+    *,
+    title: str,
+    xlabel: str = "training step",
+    ylabel: str = "test accuracy",
+    hline: float | None = None,
+    ylim: tuple[float, float] | None = None,
+    chance: float | None = None,
+    metric: Metric | None = None,
+    fixed: bool = False,
+    error_panel: bool | None = None,
+) -> Figure:
+    """One line per ``(label, xs, ys)``: see :func:`curves_plot`."""
+    kind = _metric(ylabel, metric)
+    if error_panel is None:
+        error_panel = kind == "accuracy" and _overlapping(series)
+    fig = _figure(9.6 if error_panel else 6.8, 4.0)
+    axes = fig.subplots(1, 2 if error_panel else 1, squeeze=False)[0]
+    ax = axes[0]
+    for label, xs, ys in series:
+        ax.plot(xs, _values(ys), label=label, linewidth=1.6)
+    _ref_lines(ax, kind, hline, chance)
+    _percent_axis(ax, kind, fixed=fixed)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set(title=title if not error_panel else "test accuracy", xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if error_panel:
+        # Test error on a log axis: 2% vs 3% error are far apart here, one pixel apart on
+        # the 0-100% accuracy axis. An error of exactly 0 has no place on it and is left out.
+        err_ax = axes[1]
+        for label, xs, ys in series:
+            err = 1.0 - _values(ys)
+            err_ax.plot(xs, np.where(err > 0, err, np.nan), label=label, linewidth=1.6)
+        if hline is not None:
+            err_ax.axhline(1.0 - hline, color="0.35", linestyle="--", linewidth=1)
+        err_ax.set_yscale("log")
+        _percent_axis(err_ax, "error", fixed=fixed, log=True)
+        err_ax.set(title="test error (log scale)", xlabel=xlabel, ylabel="test error")
+        err_ax.grid(alpha=0.3, which="both")
+        fig.suptitle(title)
+    _legend_outside(axes[-1])
+    if error_panel:  # one legend, beside the error panel; the accuracy panel's lines match
+        ax.legend_ = None
+    return fig
+
+
 def curves_plot(
     path: str | Path,
     series: Sequence[Series],
@@ -44,20 +173,69 @@ def curves_plot(
     ylabel: str = "test accuracy",
     hline: float | None = None,
     ylim: tuple[float, float] | None = None,
+    chance: float | None = None,
+    metric: Metric | None = None,
+    fixed: bool = False,
+    error_panel: bool | None = None,
 ) -> Path:
-    """One line per ``(label, xs, ys)``; ``hline`` marks a target (dashed)."""
-    fig = _figure(6.4, 4.0)
+    """One line per ``(label, xs, ys)``; write the PNG to ``path``.
+
+    ``hline`` marks a target (dashed), ``chance`` the accuracy of guessing (dotted). An
+    accuracy axis (``metric``, or "accuracy"/"error" in ``ylabel``) is in percent and
+    spans 0-100%; ``error_panel`` adds test error on a log axis beside it (default: when
+    the curves end too close together to tell apart).
+    """
+    fig = curves_figure(series, title=title, xlabel=xlabel, ylabel=ylabel, hline=hline,
+                        ylim=ylim, chance=chance, metric=metric, fixed=fixed,
+                        error_panel=error_panel)
+    return save(fig, path)
+
+
+def _plain_log_ticks(ax: Axes, xs: Sequence[float]) -> None:
+    """Ticks at the swept values, labelled as plain numbers (``0.03``, ``64``), no minor
+    labels: matplotlib's defaults mix 10^k and "3x10^-2" labels that collide."""
+    ax.xaxis.set_major_locator(FixedLocator(sorted(float(x) for x in xs)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def sweep_figure(
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = True,
+    logy: bool = False,
+    failed: Mapping[str, Sequence[bool]] | None = None,
+    chance: float | None = None,
+    target: float | None = None,
+    metric: Metric | None = None,
+    fixed: bool = False,
+) -> Figure:
+    """One marked line per series over a swept ``xs``: see :func:`sweep_plot`."""
+    kind = _metric(ylabel, metric)
+    fig = _figure(6.8, 4.0)
     ax = fig.add_subplot()
-    for label, xs, ys in series:
-        ax.plot(xs, _values(ys), label=label, linewidth=1.6)
-    if hline is not None:
-        ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label=f"target {hline:g}")
-    if ylim is not None:
-        ax.set_ylim(*ylim)
+    for label, ys in series.items():
+        (line,) = ax.plot(xs, _values(ys), marker="o", label=label, linewidth=1.6)
+        if failed and label in failed:
+            bad = [i for i, f in enumerate(failed[label]) if f]
+            ax.plot([xs[i] for i in bad], [_values(ys)[i] for i in bad], "x",
+                    color=line.get_color(), markersize=11, markeredgewidth=2)
+    _ref_lines(ax, kind, target, chance)
+    if logx:
+        ax.set_xscale("log")
+        _plain_log_ticks(ax, xs)
+    if logy:
+        ax.set_yscale("log")
+    _percent_axis(ax, kind, fixed=fixed, log=logy)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
-    return save(fig, path)
+    diverged = failed and any(any(v) for v in failed.values())
+    _legend_outside(ax, title="x = diverged" if diverged else None)
+    return fig
 
 
 def sweep_plot(
@@ -71,24 +249,42 @@ def sweep_plot(
     logx: bool = True,
     logy: bool = False,
     failed: Mapping[str, Sequence[bool]] | None = None,
+    chance: float | None = None,
+    target: float | None = None,
+    metric: Metric | None = None,
+    fixed: bool = False,
 ) -> Path:
-    """One marked line per series over a swept ``xs``; ``failed`` points get an ``x``."""
-    fig = _figure(6.4, 4.0)
-    ax = fig.add_subplot()
-    for label, ys in series.items():
-        (line,) = ax.plot(xs, _values(ys), marker="o", label=label, linewidth=1.6)
-        if failed and label in failed:
-            bad = [i for i, f in enumerate(failed[label]) if f]
-            ax.plot([xs[i] for i in bad], [_values(ys)[i] for i in bad], "x",
-                    color=line.get_color(), markersize=11, markeredgewidth=2)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(title="x = diverged" if failed and any(any(v) for v in failed.values()) else None)
+    """One marked line per series over a swept ``xs``; ``failed`` points get an ``x``.
+
+    A log ``x`` axis is ticked at the swept values. Accuracy/error axes are in percent;
+    ``fixed`` pins an error axis to 0-100% (accuracy always is), ``target``/``chance``
+    draw dashed/dotted reference lines.
+    """
+    fig = sweep_figure(xs, series, title=title, xlabel=xlabel, ylabel=ylabel, logx=logx,
+                       logy=logy, failed=failed, chance=chance, target=target, metric=metric,
+                       fixed=fixed)
     return save(fig, path)
+
+
+def percentiles_figure(
+    panels: Sequence[tuple[str, Sequence[int], Mapping[str, Sequence[float]]]],
+    *,
+    title: str,
+) -> Figure:
+    """Percentile bands over steps, one panel each: see :func:`percentiles_plot`."""
+    fig = _figure(4.0 * len(panels) + 1.4, 3.6)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (name, steps, pct) in zip(axes, panels, strict=True):
+        ax.fill_between(steps, pct["p15"], pct["p85"], alpha=0.25, label="15th-85th")
+        ax.plot(steps, pct["p50"], linewidth=1.8, label="median")
+        ax.plot(steps, pct["p15"], linewidth=0.8, color="C0")
+        ax.plot(steps, pct["p85"], linewidth=0.8, color="C0")
+        ax.set(title=name, xlabel="training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("input to the sigmoid")
+    _legend_outside(axes[-1])
+    fig.suptitle(title)
+    return fig
 
 
 def percentiles_plot(
@@ -102,19 +298,7 @@ def percentiles_plot(
     Each panel is ``(title, steps, {"p15": [...], "p50": [...], "p85": [...]})``; the
     panels share the y axis so the drift without BN is comparable to the BN panel.
     """
-    fig = _figure(4.0 * len(panels), 3.6)
-    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    for ax, (name, steps, pct) in zip(axes, panels, strict=True):
-        ax.fill_between(steps, pct["p15"], pct["p85"], alpha=0.25, label="15th-85th")
-        ax.plot(steps, pct["p50"], linewidth=1.8, label="median")
-        ax.plot(steps, pct["p15"], linewidth=0.8, color="C0")
-        ax.plot(steps, pct["p85"], linewidth=0.8, color="C0")
-        ax.set(title=name, xlabel="training step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("input to the sigmoid")
-    axes[0].legend()
-    fig.suptitle(title)
-    return save(fig, path)
+    return save(percentiles_figure(panels, title=title), path)
 
 
 # Which elements of an [N, C, H*W] tensor share one mean/variance, as functions of the
