@@ -36,7 +36,7 @@ def update_running_stats(
     running_var: Tensor,
     batch_mean: Tensor,
     batch_var: Tensor,
-    count: int,
+    count: int | Tensor,
     momentum: float,
     *,
     unbiased: bool = False,
@@ -51,6 +51,13 @@ def update_running_stats(
     still follows torch), so one bad batch under AMP cannot poison the model. A provider
     may pass its ``kernel`` for the arithmetic (one call instead of a handful of small ops).
     """
+    if isinstance(count, Tensor):
+        if _host_readable(count) and not torch.compiler.is_compiling():
+            count = int(count)
+        else:
+            _update_counted_on_device(running_mean, running_var, batch_mean, batch_var, count,
+                                      momentum, unbiased)
+            return
     if count == 0:
         return  # an empty batch carries no statistics; torch leaves the buffers as they are
     correction = 1.0 if unbiased else bessel(count)
@@ -97,6 +104,29 @@ def update_running_stats(
     running_var.copy_(new_var)
 
 
+def _update_counted_on_device(
+    running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
+    count: Tensor, momentum: float, unbiased: bool,
+) -> None:
+    """:func:`update_running_stats` with a ``count`` held on the device (a masked batch's
+    valid positions, counted by a kernel): the Bessel factor and "no value: record
+    nothing" become ``torch.where``s, so nothing is read back to the host."""
+    work = batch_mean.dtype
+    count = count.to(work)
+    correction = 1.0 if unbiased else torch.where(
+        count > 1, count / (count - 1).clamp_min(1), torch.ones_like(count)
+    )
+    new_var = batch_var * correction
+    finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(new_var))
+    keep = finite.logical_and(count > 0)
+    new_mean = running_mean.to(work) * (1 - momentum) + batch_mean * momentum
+    new_var = running_var.to(work) * (1 - momentum) + new_var * momentum
+    running_mean.copy_(torch.where(keep, new_mean, running_mean.to(work)))
+    running_var.copy_(torch.where(keep, new_var, running_var.to(work)))
+    if not torch.compiler.is_compiling():
+        count_kept(finite.logical_or_(count <= 0))
+
+
 def record(
     plan: Plan,
     running_mean: Tensor,
@@ -104,7 +134,7 @@ def record(
     batch_mean: Tensor,
     batch_var: Tensor,
     kernel: UpdateKernel | None = None,
-    count: int | None = None,
+    count: int | Tensor | None = None,
     counts: Tensor | None = None,
 ) -> None:
     """The running update after a training call of ``plan`` with batch statistics
@@ -115,6 +145,18 @@ def record(
     valid positions; 0 records nothing). ``counts [N]``: a masked InstanceNorm's valid
     positions per instance: each instance's variance is corrected by its own count, and
     the instances with fewer than two valid positions are left out."""
+    if plan.per_sample and counts is not None and not _host_readable(counts):
+        # per instance, on the device: the instances with two valid positions or more
+        used = (counts >= 2)[:, None]
+        counts = counts.to(batch_var.dtype)[:, None]
+        unbiased = batch_var * counts / (counts - 1).clamp_min(1)
+        n_used = used.sum().to(batch_var.dtype)
+        zero = torch.zeros((), dtype=batch_var.dtype, device=batch_var.device)
+        mean = torch.where(used, batch_mean, zero).sum(0) / n_used.clamp_min(1)
+        var = torch.where(used, unbiased, zero).sum(0) / n_used.clamp_min(1)
+        update_running_stats(running_mean, running_var, mean, var, n_used, plan.momentum,
+                             unbiased=True)
+        return
     if plan.per_sample and counts is not None:
         used = counts >= 2
         if not bool(used.any()):

@@ -35,7 +35,7 @@ from torch import Tensor
 from normlab.ops.composite import PROVIDER as COMPOSITE
 from normlab.plan import Call, Plan
 
-CHOICES = ("auto", "cpu", "torch")
+CHOICES = ("auto", "cpu", "triton", "torch")
 ENV_VAR = "NORMLAB_BACKEND"
 
 
@@ -111,8 +111,21 @@ def _register_torch_native() -> None:
             _ROUTES[device_type, mode] = entries
 
 
+def _register_triton() -> None:
+    from normlab.ops import triton
+
+    if not triton.installed():
+        return
+    for device_type, by_mode in triton.ROUTES.items():
+        for mode, entries in by_mode.items():
+            _ROUTES[device_type, mode] = (*entries, *_ROUTES.get((device_type, mode), ()))
+    _PIECES["cuda"] = triton.PIECES
+    _PROVIDERS.append(triton.NAME)
+
+
 _register_cpu()
 _register_torch_native()
+_register_triton()
 # (device type, batch_stats, backend, plan kind, masked, activated) -> entries: filtered once.
 _FILTERED: dict[tuple[str, bool, str, str, bool, bool], tuple[Provider, ...]] = {}
 
@@ -126,7 +139,9 @@ def routes(
     ``masks = True``; without an activation, not the entries that say
     ``only_activated = True``), in order; the composite provider last."""
     entries = _ROUTES.get((device_type, mode), ())
-    if backend != "auto":
+    if backend == "auto":
+        entries = tuple(e for e in entries if not getattr(e, "explicit_only", False))
+    else:
         entries = tuple(e for e in entries if e.name == backend)
     if kind is not None:
         entries = tuple(e for e in entries if kind in e.kinds)
@@ -162,7 +177,7 @@ def pieces(x: Tensor, backend: str | None = None) -> Pieces:
     name = requested() if backend is None else _check_choice(backend, "backend")
     if name != "torch":
         found = _PIECES.get(x.device.type)
-        if found is not None and found.supports(x):
+        if found is not None and name in ("auto", found.name) and found.supports(x):
             return found
     return COMPOSITE
 

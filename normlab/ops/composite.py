@@ -67,7 +67,7 @@ def run(
                 running.record(plan, running_mean, running_var, mean, var, update, None, counts)
             else:
                 running.record(plan, running_mean, running_var, mean, var, update,
-                               int(mask.sum()))
+                               mask.sum())
     else:
         y4 = given(x4, running_mean, running_var, weight, bias, eps=plan.eps)
     return activation(y4.reshape(x.shape), plan.act, plan.slope)

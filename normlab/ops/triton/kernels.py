@@ -1,0 +1,401 @@
+"""Triton kernels of the normalization family, on the plan's view ``x4 [N, G, K, S]``
+with any strides (contiguous, channels-last, sliced), and the functions that launch them.
+
+One program covers row ``(n, g)``, a block of ``K`` and a chunk of ``S``, as a tile
+``[BLOCK_K, BLOCK_S]`` walked along ``S``. Statistics are merged in two stages, never as
+``E[x^2] - E[x]^2``: each program merges its tiles' ``(count, mean, M2)`` (Chan et al.)
+into one partial, a second kernel merges a statistic's partials exactly (weighted mean,
+then ``sum M2 + count * (mean_i - mean)^2``). Per-channel statistics (BatchNorm: ``K =
+1``) gather the partials of every ``n``; per-sample ones (InstanceNorm, GroupNorm,
+LayerNorm) those of their row.
+
+The backward recomputes ``xhat`` and the activation's input from ``x`` and the statistics
+(nothing else is saved): one kernel sums ``dy'`` and ``dy' * xhat`` per ``(n, feature)``
+(``dy' = dy * act'(z)``), torch adds those up into the parameter gradients and the two
+per-statistic terms, a second kernel writes ``dx``.
+
+Written for ``TRITON_INTERPRET=1`` as well as GPUs: ``tl.math`` only (no libdevice), no
+autotune (tile sizes by :func:`tiles`), no atomics, the accumulator dtype a parameter
+(float64 for float64 input, so gradcheck runs), every program independent of the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Activation codes shared with the provider (the plan's names -> constexpr branches).
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+
+_TILE = 1024  # elements a program holds at a time
+_TARGET_PROGRAMS = 512  # enough to fill a large GPU; partials stay few for the merge
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr, slope):
+    out = z
+    if ACT == 1:
+        out = tl.where(z > 0, z, 0.0)
+    if ACT == 2:
+        out = tl.where(z > 0, z, z * slope)
+    if ACT == 3:
+        out = z * tl.sigmoid(z)
+    if ACT == 4:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return out
+
+
+@triton.jit
+def _activation_grad(z, dy, ACT: tl.constexpr, slope):
+    """``dy * act'(z)`` (``dy`` where there is no activation)."""
+    out = dy
+    if ACT == 1:
+        out = tl.where(z > 0, dy, 0.0)
+    if ACT == 2:
+        out = tl.where(z > 0, dy, dy * slope)
+    if ACT == 3:
+        sig = tl.sigmoid(z)
+        out = dy * sig * (1.0 + z * (1.0 - sig))
+    if ACT == 4:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        out = dy * (cdf + z * pdf)
+    return out
+
+
+@triton.jit
+def _tile_offsets(row, kb, G, K, BLOCK_K: tl.constexpr):
+    n = row // G
+    g = row % G
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
+    return n, g, k
+
+
+@triton.jit
+def _partial_moments(
+    x_ptr, mask_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    N, G, K, S, sN, sG, sK, sS, mN, mS, KB, SC, S_PER_PROG,
+    PER_SAMPLE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Stage 1: one ``(count, mean, M2)`` per program, over its tiles' (valid) values."""
+    row = tl.program_id(0)
+    kb = tl.program_id(1)
+    sc = tl.program_id(2)
+    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
+    base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
+    s_begin = sc * S_PER_PROG
+    s_end = tl.minimum(s_begin + S_PER_PROG, S)
+    count = tl.zeros((), dtype=ACC)
+    mean = tl.zeros((), dtype=ACC)
+    m2 = tl.zeros((), dtype=ACC)
+    for start in range(0, S_PER_PROG, BLOCK_S):
+        s = s_begin + start + tl.arange(0, BLOCK_S)[None, :]
+        ok = (k < K) & (s < s_end)
+        x = tl.load(base + s.to(tl.int64) * sS, mask=ok, other=0.0).to(ACC)
+        if MASKED:
+            keep = tl.load(mask_ptr + n.to(tl.int64) * mN + s.to(tl.int64) * mS,
+                           mask=s < s_end, other=0)
+            ok = ok & (keep != 0)
+        valid = ok.to(ACC)
+        tile_count = tl.sum(valid)
+        tile_mean = tl.sum(x * valid) / tl.maximum(tile_count, 1.0)
+        centred = (x - tile_mean) * valid
+        tile_m2 = tl.sum(centred * centred)
+        total = count + tile_count
+        delta = tile_mean - mean
+        share = tile_count / tl.maximum(total, 1.0)
+        mean = mean + delta * share
+        m2 = m2 + tile_m2 + delta * delta * count * share
+        count = total
+    if PER_SAMPLE:
+        partials = KB * SC
+        index = row * partials + kb * SC + sc
+    else:
+        partials = N * KB * SC
+        index = g * partials + (n * KB + kb) * SC + sc
+    tl.store(cnt_ptr + index, count)
+    tl.store(mean_ptr + index, mean)
+    tl.store(m2_ptr + index, m2)
+
+
+@triton.jit
+def _merge_moments(
+    cnt_ptr, mean_ptr, m2_ptr, out_mean, out_var, out_rstd, out_count, P, eps,
+    CENTER: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Stage 2: a statistic's partials merged exactly; ``rstd = 0`` with no value."""
+    r = tl.program_id(0)
+    base = r.to(tl.int64) * P
+    total = tl.zeros((), dtype=ACC)
+    weighted = tl.zeros((), dtype=ACC)
+    for start in range(0, P, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        c = tl.load(cnt_ptr + base + p, mask=p < P, other=0.0)
+        m = tl.load(mean_ptr + base + p, mask=p < P, other=0.0)
+        total += tl.sum(c)
+        weighted += tl.sum(c * m)
+    mean = weighted / tl.maximum(total, 1.0)
+    m2 = tl.zeros((), dtype=ACC)
+    for start in range(0, P, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        c = tl.load(cnt_ptr + base + p, mask=p < P, other=0.0)
+        m = tl.load(mean_ptr + base + p, mask=p < P, other=0.0)
+        q = tl.load(m2_ptr + base + p, mask=p < P, other=0.0)
+        m2 += tl.sum(q + c * (m - mean) * (m - mean))
+    var = m2 / tl.maximum(total, 1.0)
+    if not CENTER:  # RMS: the mean of squares, no centring
+        var = var + mean * mean
+        mean = mean * 0.0
+    rstd = tl.where(total > 0, tl.math.rsqrt(var + eps), 0.0)
+    tl.store(out_mean + r, mean)
+    tl.store(out_var + r, var)
+    tl.store(out_rstd + r, rstd)
+    tl.store(out_count + r, total)
+
+
+@triton.jit
+def _normalize(
+    x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+    G, K, S, sN, sG, sK, sS, yN, yG, yK, yS, S_PER_PROG, slope,
+    PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """``y = act((x - mean) * rstd * w + b)``."""
+    row = tl.program_id(0)
+    kb = tl.program_id(1)
+    sc = tl.program_id(2)
+    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
+    stat = row if PER_SAMPLE else g
+    mean = tl.load(mean_ptr + stat).to(ACC)
+    rstd = tl.load(rstd_ptr + stat).to(ACC)
+    scale = rstd + tl.zeros((BLOCK_K, 1), dtype=ACC)
+    shift = tl.zeros((BLOCK_K, 1), dtype=ACC)
+    feature = g * K + k
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    if HAS_B:
+        shift = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    shift = shift - mean * scale
+    x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
+    y_base = y_ptr + n.to(tl.int64) * yN + g.to(tl.int64) * yG + k.to(tl.int64) * yK
+    s_begin = sc * S_PER_PROG
+    s_end = tl.minimum(s_begin + S_PER_PROG, S)
+    for start in range(0, S_PER_PROG, BLOCK_S):
+        s = (s_begin + start + tl.arange(0, BLOCK_S)[None, :]).to(tl.int64)
+        ok = (k < K) & (s < s_end)
+        x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
+        y = _activate(x * scale + shift, ACT, slope)
+        tl.store(y_base + s * yS, y, mask=ok)
+
+
+@triton.jit
+def _grad_sums(
+    dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, u_ptr, v_ptr,
+    G, K, S, sN, sG, sK, sS, dN, dG, dK, dS, SC, S_PER_PROG, slope,
+    PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per ``(n, feature, chunk)``: ``sum dy'`` and ``sum dy' * xhat`` over its ``S``."""
+    row = tl.program_id(0)
+    kb = tl.program_id(1)
+    sc = tl.program_id(2)
+    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
+    stat = row if PER_SAMPLE else g
+    mean = tl.load(mean_ptr + stat).to(ACC)
+    rstd = tl.load(rstd_ptr + stat).to(ACC)
+    feature = g * K + k
+    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
+    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
+    d_base = dy_ptr + n.to(tl.int64) * dN + g.to(tl.int64) * dG + k.to(tl.int64) * dK
+    sum_g = tl.zeros((BLOCK_K,), dtype=ACC)
+    sum_gx = tl.zeros((BLOCK_K,), dtype=ACC)
+    s_begin = sc * S_PER_PROG
+    s_end = tl.minimum(s_begin + S_PER_PROG, S)
+    for start in range(0, S_PER_PROG, BLOCK_S):
+        s = (s_begin + start + tl.arange(0, BLOCK_S)[None, :]).to(tl.int64)
+        ok = (k < K) & (s < s_end)
+        x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
+        dy = tl.load(d_base + s * dS, mask=ok, other=0.0).to(ACC)
+        xhat = (x - mean) * rstd
+        grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+        sum_g += tl.sum(grad, axis=1)
+        sum_gx += tl.sum(grad * xhat, axis=1)
+    kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    index = ((n * G + g) * K + kk).to(tl.int64) * SC + sc
+    tl.store(u_ptr + index, sum_g, mask=kk < K)
+    tl.store(v_ptr + index, sum_gx, mask=kk < K)
+
+
+@triton.jit
+def _grad_input(
+    dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, c_ptr, cnt_ptr, mask_ptr,
+    G, K, S, sN, sG, sK, sS, dN, dG, dK, dS, oN, oG, oK, oS, mN, mS, S_PER_PROG, slope,
+    PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BATCH_STATS: tl.constexpr, CENTER: tl.constexpr, MASKED: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """``dx = rstd * (dy' * w - valid * (A + xhat * B) / count)`` with the statistic's
+    ``A = sum dy' * w`` and ``B = sum dy' * w * xhat`` (``rstd * dy' * w`` with given
+    statistics)."""
+    row = tl.program_id(0)
+    kb = tl.program_id(1)
+    sc = tl.program_id(2)
+    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
+    stat = row if PER_SAMPLE else g
+    mean = tl.load(mean_ptr + stat).to(ACC)
+    rstd = tl.load(rstd_ptr + stat).to(ACC)
+    feature = g * K + k
+    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
+    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    through_a = tl.zeros((), dtype=ACC)
+    through_b = tl.zeros((), dtype=ACC)
+    if BATCH_STATS:
+        per = 1.0 / tl.maximum(tl.load(cnt_ptr + stat).to(ACC), 1.0)
+        through_b = tl.load(c_ptr + stat).to(ACC) * per
+        if CENTER:
+            through_a = tl.load(a_ptr + stat).to(ACC) * per
+    x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
+    d_base = dy_ptr + n.to(tl.int64) * dN + g.to(tl.int64) * dG + k.to(tl.int64) * dK
+    o_base = dx_ptr + n.to(tl.int64) * oN + g.to(tl.int64) * oG + k.to(tl.int64) * oK
+    s_begin = sc * S_PER_PROG
+    s_end = tl.minimum(s_begin + S_PER_PROG, S)
+    for start in range(0, S_PER_PROG, BLOCK_S):
+        s = (s_begin + start + tl.arange(0, BLOCK_S)[None, :]).to(tl.int64)
+        ok = (k < K) & (s < s_end)
+        x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
+        dy = tl.load(d_base + s * dS, mask=ok, other=0.0).to(ACC)
+        xhat = (x - mean) * rstd
+        grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+        correction = through_a + xhat * through_b
+        if MASKED:
+            keep = tl.load(mask_ptr + n.to(tl.int64) * mN + s * mS, mask=s < s_end, other=0)
+            correction = tl.where(keep != 0, correction, 0.0)
+        dx = rstd * (grad * w - correction)
+        tl.store(o_base + s * oS, dx, mask=ok)
+
+
+# --- launching ------------------------------------------------------------------------------
+
+
+def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """The accumulator dtype for input of ``dtype`` (float64 stays float64)."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def tiles(view: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_K, BLOCK_S, k_blocks, s_chunks, s_per_program)`` for ``view``: a tile of
+    about ``_TILE`` elements shaped to ``K`` and ``S``, and ``S`` cut into chunks until
+    the grid has about ``_TARGET_PROGRAMS`` programs."""
+    n, g, k, s = view
+    block_k = min(triton.next_power_of_2(k), _TILE)
+    block_s = min(triton.next_power_of_2(s), max(1, _TILE // block_k))
+    k_blocks = triton.cdiv(k, block_k)
+    s_tiles = triton.cdiv(s, block_s)
+    rows = max(1, n * g * k_blocks)
+    chunks = min(s_tiles, max(1, math.ceil(_TARGET_PROGRAMS / rows)), 65535)
+    tiles_per_chunk = triton.cdiv(s_tiles, chunks)
+    chunks = triton.cdiv(s_tiles, tiles_per_chunk)
+    return block_k, block_s, k_blocks, chunks, tiles_per_chunk * block_s
+
+
+def _mask_strides(mask4: Tensor | None) -> tuple[Tensor | None, int, int]:
+    if mask4 is None:
+        return None, 0, 0
+    as_bytes = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
+    return as_bytes, as_bytes.stride(0), as_bytes.stride(3)
+
+
+def moments(
+    x4: Tensor, mask4: Tensor | None, *, per_sample: bool, center: bool, eps: float
+) -> Tensor:
+    """``stats [4, R]``: mean, biased var, rstd and count per statistic (``R = G``, or
+    ``N*G`` per sample), accumulator dtype (mean 0 and var the mean of squares without
+    ``center``; over ``mask4``'s valid positions)."""
+    n, g, k, s = x4.shape
+    acc, acc_tl = accumulator(x4.dtype)
+    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
+    stats = g * n if per_sample else g
+    partials = k_blocks * chunks * (1 if per_sample else n)
+    parts = torch.empty(3, stats, partials, dtype=acc, device=x4.device)
+    mask, m_n, m_s = _mask_strides(mask4)
+    _partial_moments[(n * g, k_blocks, chunks)](
+        x4, mask, parts[0], parts[1], parts[2],
+        n, g, k, s, *x4.stride(), m_n, m_s, k_blocks, chunks, s_per,
+        PER_SAMPLE=per_sample, MASKED=mask is not None, ACC=acc_tl,
+        BLOCK_K=block_k, BLOCK_S=block_s,
+    )
+    out = torch.empty(4, stats, dtype=acc, device=x4.device)
+    _merge_moments[(stats,)](
+        parts[0], parts[1], parts[2], out[0], out[1], out[2], out[3], partials, eps,
+        CENTER=center, ACC=acc_tl, BLOCK_P=min(triton.next_power_of_2(partials), 1024),
+    )
+    return out
+
+
+def normalize(
+    x4: Tensor, y4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, *, per_sample: bool, act: int, slope: float,
+) -> None:
+    """Writes ``act((x4 - mean) * rstd * weight + bias)`` into ``y4``."""
+    n, g, k, s = x4.shape
+    _, acc_tl = accumulator(x4.dtype)
+    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
+    _normalize[(n * g, k_blocks, chunks)](
+        x4, y4, mean, rstd, weight, bias, g, k, s, *x4.stride(), *y4.stride(), s_per,
+        float(slope), PER_SAMPLE=per_sample, HAS_W=weight is not None,
+        HAS_B=bias is not None, ACT=act, ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
+    )
+
+
+def grad_sums(
+    dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, *, per_sample: bool, act: int, slope: float,
+) -> tuple[Tensor, Tensor]:
+    """``(sum dy', sum dy' * xhat)`` per ``(n, feature)``: ``[N, G*K]``, accumulator dtype."""
+    n, g, k, s = x4.shape
+    acc, acc_tl = accumulator(x4.dtype)
+    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
+    sums = torch.empty(2, n, g * k, chunks, dtype=acc, device=x4.device)
+    _grad_sums[(n * g, k_blocks, chunks)](
+        dy4, x4, mean, rstd, weight, bias, sums[0], sums[1], g, k, s, *x4.stride(),
+        *dy4.stride(), chunks, s_per, float(slope), PER_SAMPLE=per_sample,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=acc_tl,
+        BLOCK_K=block_k, BLOCK_S=block_s,
+    )
+    total = sums.sum(3)
+    return total[0], total[1]
+
+
+def grad_input(
+    dy4: Tensor, x4: Tensor, dx4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, through: tuple[Tensor, Tensor, Tensor] | None,
+    mask4: Tensor | None, *, per_sample: bool, center: bool, act: int, slope: float,
+) -> None:
+    """Writes the input gradient into ``dx4``; ``through = (A, B, count)`` per statistic
+    for batch statistics, ``None`` for given ones."""
+    n, g, k, s = x4.shape
+    _, acc_tl = accumulator(x4.dtype)
+    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
+    mask, m_n, m_s = _mask_strides(mask4)
+    a, b, count = through if through is not None else (mean, mean, mean)
+    _grad_input[(n * g, k_blocks, chunks)](
+        dy4, x4, dx4, mean, rstd, weight, bias, a, b, count, mask, g, k, s, *x4.stride(),
+        *dy4.stride(), *dx4.stride(), m_n, m_s, s_per, float(slope),
+        PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
+        BATCH_STATS=through is not None, CENTER=center, MASKED=mask is not None,
+        ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
+    )
