@@ -346,3 +346,67 @@ def norms_cube(path: str | Path, n: int = 4, c: int = 6, hw: int = 5, group: int
         fontsize=10,
     )
     return save(fig, path)
+
+
+# One series over seeds: (label, xs, one list of ys per seed).
+Band = tuple[str, Sequence[float], Sequence[Sequence[float | None]]]
+
+
+def _seed_matrix(runs: Sequence[Sequence[float | None]], width: int) -> np.ndarray:
+    """``[seeds, width]``; a shorter run (stopped when its loss diverged) keeps its last
+    value: a diverged network stays broken, and NaN would drop it from the band."""
+    rows = []
+    for ys in runs:
+        row = _values(ys)
+        rows.append(np.concatenate([row, np.full(width - len(row), row[-1] if len(row)
+                                                 else np.nan)]))
+    return np.vstack(rows)
+
+
+def band_plot(
+    path: str | Path,
+    bands: Sequence[Band],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    percent: bool = True,
+    logx: bool = False,
+    hlines: Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    markers: bool = False,
+) -> Path:
+    """The mean over seeds of each ``(label, xs, [ys per seed])`` with a min-max band.
+
+    ``percent`` shows fractions as %; ``hlines`` maps a label ("chance", "target 95%") to
+    a dashed reference level (a fraction, like the data); ``logx`` labels the ticks with
+    the swept values themselves. The legend sits outside the axes, so no curve hides
+    under it, and says how many seeds the bands span."""
+    scale = 100.0 if percent else 1.0
+    fig = _figure(7.6, 4.0)
+    ax = fig.add_subplot()
+    widest: Sequence[float] = max((xs for _, xs, _ in bands), key=len, default=[])
+    seeds = 0
+    for i, (label, xs, runs) in enumerate(bands):
+        ys = _seed_matrix(runs, len(xs)) * scale
+        seeds = max(seeds, len(ys))
+        color = f"C{i % 10}"
+        ax.plot(xs, np.nanmean(ys, axis=0), color=color, linewidth=1.7, label=label,
+                marker="o" if markers else None, markersize=4)
+        if len(ys) > 1:
+            ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=color,
+                            alpha=0.18, linewidth=0)
+    for j, (name, level) in enumerate((hlines or {}).items()):
+        ax.axhline(level * scale, color="0.35", linestyle=("--", ":", "-.")[j % 3],
+                   linewidth=1, label=name)
+    if logx:
+        ax.set_xscale("log")
+        ax.set_xticks(list(widest), [f"{x:g}" for x in widest])
+        ax.minorticks_off()
+    if ylim is not None:
+        ax.set_ylim(ylim[0] * scale, ylim[1] * scale)
+    ax.set(title=title, xlabel=xlabel, ylabel=f"{ylabel} (%)" if percent else ylabel)
+    ax.grid(alpha=0.3)
+    note = f"mean, band: min-max\nover {seeds} seeds" if seeds > 1 else "1 seed"
+    fig.legend(loc="outside right upper", title=note, fontsize=9, title_fontsize=9)
+    return save(fig, path)

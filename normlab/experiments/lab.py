@@ -9,10 +9,11 @@ report sections; :func:`run_experiment` writes them to ``report.html``.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from normlab.experiments.data import Dataset, load_dataset
 from normlab.experiments.models import build
 from normlab.experiments.report import Section, Table, write_report
 from normlab.experiments.runs import ResultStore, TrainSpec, fit
+from normlab.experiments.verdict import Verdict
 
-__all__ = ["Context", "ExperimentResult", "fmt_acc", "fmt_steps", "run_experiment"]
+__all__ = ["Context", "ExperimentResult", "command_line", "fmt_acc", "fmt_acc_range",
+           "fmt_steps", "fmt_steps_range", "mean", "run_experiment"]
 
 # Quick mode (for tests and smoke runs): this many steps per run and at most this much data.
 QUICK_STEPS = 24
@@ -36,6 +39,28 @@ def fmt_acc(value: float | None) -> str:
 def fmt_steps(value: int | None, limit: int) -> str:
     """Steps to reach a target, or ``> limit`` when it was not reached."""
     return f"> {limit}" if value is None else str(value)
+
+
+def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean (of per-seed values)."""
+    return sum(values) / len(values)
+
+
+def fmt_acc_range(values: Sequence[float]) -> str:
+    """Per-seed accuracies as ``mean (min-max)`` in %, or one value for one seed."""
+    text = fmt_acc(mean(values))
+    if len(values) > 1:
+        text += f" ({100 * min(values):.1f}-{100 * max(values):.1f})"
+    return text
+
+
+def fmt_steps_range(values: Sequence[int | None], limit: int) -> str:
+    """Per-seed steps to a target as ``mean (min-max)``; every seed listed when one of
+    them never reached it (a mean of "> limit" would be made up)."""
+    if len(values) == 1 or any(v is None for v in values):
+        return ", ".join(fmt_steps(v, limit) for v in values)
+    reached = [int(v) for v in values if v is not None]
+    return f"{mean(reached):.0f} ({min(reached)}-{max(reached)})"
 
 
 @dataclass
@@ -57,6 +82,18 @@ class Context:
         n = QUICK_STEPS if self.quick else max(10, round(steps * self.budget))
         every = max(1, n // 6) if self.quick else min(eval_every, n)
         return TrainSpec(steps=n, eval_every=every, seed=self.seed, **options)
+
+    def seeds(self) -> list[int]:
+        """The seeds every run is repeated over: three at full budget (so a verdict can
+        weigh an effect against the seed-to-seed spread), only ``seed`` in quick mode."""
+        return [self.seed] if self.quick else [self.seed + i for i in range(3)]
+
+    def runs(
+        self, key: str, model: dict[str, Any], spec: TrainSpec, *, probe: str | None = None
+    ) -> list[dict[str, Any]]:
+        """:meth:`run` once per seed of :meth:`seeds`, as ``{key}-seed{s}``."""
+        return [self.run(f"{key}-seed{s}", model, replace(spec, seed=s), probe=probe)
+                for s in self.seeds()]
 
     def pick(self, full: list[Any], quick: list[Any]) -> list[Any]:
         """The sweep values to run: ``quick`` in quick mode, else ``full``."""
@@ -104,11 +141,26 @@ class Context:
 
 @dataclass
 class ExperimentResult:
-    """What an experiment returns: report sections, and a headline for the terminal."""
+    """What an experiment returns: report sections, a headline for the terminal, and the
+    verdict on its claim (the headline ends with the verdict's text)."""
 
     sections: list[Section]
     summary: Table | None = None
     headline: str = ""
+    verdict: Verdict | None = None
+
+
+def command_line(name: str, *, seed: int, budget: float, quick: bool,
+                 out: str | Path | None = None, data_dir: str | Path | None = None) -> str:
+    """The ``normlab experiment`` command that reproduces a run with these settings."""
+    words = ["normlab", "experiment", name, "--seed", str(seed), "--budget", f"{budget:g}"]
+    if quick:
+        words.append("--quick")
+    if data_dir is not None:
+        words += ["--data", str(data_dir)]
+    if out is not None:
+        words += ["--out", str(out)]
+    return shlex.join(words)
 
 
 def _refuse_other_budget(path: Path, quick: bool, resume: bool) -> None:
@@ -169,19 +221,28 @@ def run_experiment(
     if quick:
         data = data.subset(QUICK_TRAIN, QUICK_TEST, seed=seed)
     store = ResultStore(out / "results.json", name)
+    command = command_line(name, seed=seed, budget=budget, quick=quick, out=out_dir,
+                           data_dir=data_dir)
     store.meta = {"title": info.title, "data": data.describe(), "quick": quick,
-                  "budget": budget, "seed": seed}
+                  "budget": budget, "seed": seed, "command": command}
     ctx = Context(data, out, store, quick=quick, budget=budget, seed=seed, progress=progress,
                   resume=resume, **({"echo": echo} if echo is not None else {}))
     ctx.echo(f"{name}: {info.title} on {data.describe()}")
     start = time.perf_counter()
     result = CATALOG[name](ctx)
+    found = result.headline  # the report shows the verdict above it, in full
+    if result.verdict is not None:
+        store.meta["verdict"] = result.verdict.to_dict()
+        if not result.headline.endswith(result.verdict.text):
+            result.headline = f"{result.headline} {result.verdict.text}".strip()
     store.save()
     intro = [f"Claim: {info.claim}", f"Setup: {info.setup}", f"Data: {data.describe()}."]
-    if result.headline:
-        intro.append(f"Result: {result.headline}")
-    meta = (f"seed {seed}, budget {budget:g}{', quick' if quick else ''}, "
-            f"{time.perf_counter() - start:.0f} s")
+    if found:
+        intro.append(f"Result: {found}")
+    seeds = ctx.seeds()
+    meta = (f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}, budget {budget:g}"
+            f"{', quick' if quick else ''}, {time.perf_counter() - start:.0f} s")
     report = write_report(out / "report.html", f"normlab experiment: {info.title}", intro,
-                          result.sections, meta=meta)
+                          result.sections, meta=meta, verdict=result.verdict,
+                          command=command, results_href=store.path.name)
     return report, result

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for the annotation: the report needs nothing from the rules
+    from normlab.experiments.verdict import Verdict
 
 __all__ = ["Section", "Table", "format_table", "write_report"]
 
@@ -55,6 +59,11 @@ th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 img { max-width: 100%; display: block; margin: 1em 0; }
 .meta { color: #666; font-size: 0.9em; }
+.verdict { border-left: 5px solid #888; background: #f7f7f7; padding: 0.6em 1em; }
+.verdict.reproduced { border-color: #2a7d2a; } .verdict.not-reproduced { border-color: #b03030; }
+.verdict.inconclusive { border-color: #c08a00; }
+.rule { color: #444; font-size: 0.95em; }
+code { background: #f3f3f3; padding: 0.1em 0.3em; }
 """
 
 
@@ -78,8 +87,15 @@ def write_report(
     intro: Sequence[str],
     sections: Sequence[Section],
     meta: str = "",
+    *,
+    verdict: Verdict | None = None,
+    command: str = "",
+    results_href: str = "",
 ) -> Path:
-    """Write a self-contained HTML report to ``path`` and return the path."""
+    """Write a self-contained HTML report to ``path`` and return the path.
+
+    ``verdict`` (with its rule) opens the report; ``command`` is the command line that
+    produced it and ``results_href`` a relative link to the raw results."""
     path = Path(path)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -88,8 +104,20 @@ def write_report(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">normlab lab report, generated {stamp}. {html.escape(meta)}</p>',
-        *(f"<p>{html.escape(p)}</p>" for p in intro),
     ]
+    if verdict is not None:
+        parts += [
+            f'<div class="verdict {verdict.outcome.replace(" ", "-")}">'
+            f"<p><strong>Verdict: {html.escape(verdict.outcome)}</strong> "
+            f"({html.escape(verdict.evidence)}).</p>",
+            f'<p class="rule">Rule, fixed before the run: {html.escape(verdict.rule)}.</p></div>',
+        ]
+    if command or results_href:
+        said = f"Produced by <code>{html.escape(command)}</code>. " if command else ""
+        link = (f'Raw results: <a href="{html.escape(results_href)}">'
+                f"{html.escape(results_href)}</a>." if results_href else "")
+        parts.append(f'<p class="meta">{said}{link}</p>')
+    parts.extend(f"<p>{html.escape(p)}</p>" for p in intro)
     for section in sections:
         parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         parts.extend(f"<p>{html.escape(p)}</p>" for p in section.paragraphs)
