@@ -52,6 +52,11 @@ def _steps_to(runs: Runs, limit: int) -> list[int]:
     return [limit if r["steps_to_target"] is None else r["steps_to_target"] for r in runs]
 
 
+def _zoom(ctx: Context) -> tuple[float, float] | None:
+    """A 90-100% panel where full runs end close together (quick runs never get there)."""
+    return None if ctx.quick else (0.9, 1.0)
+
+
 def _reached(runs: Runs, limit: int) -> str:
     """Steps to the target over the seeds, as the tables show them."""
     return fmt_steps_range([r["steps_to_target"] for r in runs], limit)
@@ -110,7 +115,7 @@ def bn_paper(ctx: Context) -> ExperimentResult:
         ctx.path("bn_paper_accuracy.png"), _curve_bands(results),
         hlines={f"target {TARGET:.0%}": TARGET, "chance": 1 / ctx.data.num_classes},
         title="(a) test accuracy, 3 x 100 sigmoid MLP", xlabel="training step",
-        ylabel="test accuracy", ylim=(0.0, 1.0),
+        ylabel="test accuracy", ylim=(0.0, 1.0), zoom=_zoom(ctx),
     )
     first = ctx.seeds()[0]
     pct_png = figures.percentiles_plot(
@@ -358,7 +363,7 @@ def placement(ctx: Context) -> ExperimentResult:
         ctx.path("placement.png"), _curve_bands(results),
         hlines={f"target {TARGET:.0%}": TARGET, "chance": 1 / ctx.data.num_classes},
         title="Where BatchNorm goes: test accuracy", xlabel="training step",
-        ylabel="test accuracy", ylim=(0.0, 1.0))
+        ylabel="test accuracy", ylim=(0.0, 1.0), zoom=_zoom(ctx))
     table = _steps_table(results, spec.steps, TARGET)
     before = results["BN before act"]
     faster = effect_verdict(

@@ -375,38 +375,56 @@ def band_plot(
     hlines: Mapping[str, float] | None = None,
     ylim: tuple[float, float] | None = None,
     markers: bool = False,
+    zoom: tuple[float, float] | None = None,
 ) -> Path:
     """The mean over seeds of each ``(label, xs, [ys per seed])`` with a min-max band.
 
     ``percent`` shows fractions as %; ``hlines`` maps a label ("chance", "target 95%") to
     a dashed reference level (a fraction, like the data); ``logx`` labels the ticks with
-    the swept values themselves. The legend sits outside the axes, so no curve hides
-    under it, and says how many seeds the bands span."""
+    the swept values themselves. ``zoom`` (a y range, fractions) adds a second panel
+    where curves that end close together can be told apart. The legend sits outside the
+    axes, so no curve hides under it, and says how many seeds the bands span."""
     scale = 100.0 if percent else 1.0
-    fig = _figure(7.6, 4.0)
-    ax = fig.add_subplot()
+    fig = _figure(11.5 if zoom else 7.6, 4.0)
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
+    for k, ax in enumerate(axes):
+        seeds = _draw_bands(ax, bands, scale, hlines, logx, markers, legend=k == 0)
+        ax.set(xlabel=xlabel, ylabel=f"{ylabel} (%)" if percent else ylabel)
+        ax.grid(alpha=0.3)
+    limits = [ylim, zoom]
+    for ax, lim in zip(axes, limits, strict=False):
+        if lim is not None:
+            ax.set_ylim(lim[0] * scale, lim[1] * scale)
+    axes[0].set_title(title)
+    if zoom:
+        axes[1].set_title(f"zoom: {zoom[0] * scale:g}-{zoom[1] * scale:g}"
+                          f"{'%' if percent else ''}")
+    note = f"mean, band: min-max\nover {seeds} seeds" if seeds > 1 else "1 seed"
+    fig.legend(loc="outside right upper", title=note, fontsize=9, title_fontsize=9)
+    return save(fig, path)
+
+
+def _draw_bands(ax: Axes, bands: Sequence[Band], scale: float,
+                hlines: Mapping[str, float] | None, logx: bool, markers: bool,
+                legend: bool) -> int:
+    """Draw the mean lines and min-max bands on ``ax``; returns the number of seeds."""
     widest: Sequence[float] = max((xs for _, xs, _ in bands), key=len, default=[])
     seeds = 0
     for i, (label, xs, runs) in enumerate(bands):
         ys = _seed_matrix(runs, len(xs)) * scale
         seeds = max(seeds, len(ys))
         color = f"C{i % 10}"
-        ax.plot(xs, np.nanmean(ys, axis=0), color=color, linewidth=1.7, label=label,
-                marker="o" if markers else None, markersize=4)
+        ax.plot(xs, np.nanmean(ys, axis=0), color=color, linewidth=1.7,
+                label=label if legend else None, marker="o" if markers else None,
+                markersize=4)
         if len(ys) > 1:
             ax.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=color,
                             alpha=0.18, linewidth=0)
     for j, (name, level) in enumerate((hlines or {}).items()):
         ax.axhline(level * scale, color="0.35", linestyle=("--", ":", "-.")[j % 3],
-                   linewidth=1, label=name)
+                   linewidth=1, label=name if legend else None)
     if logx:
         ax.set_xscale("log")
         ax.set_xticks(list(widest), [f"{x:g}" for x in widest])
         ax.minorticks_off()
-    if ylim is not None:
-        ax.set_ylim(ylim[0] * scale, ylim[1] * scale)
-    ax.set(title=title, xlabel=xlabel, ylabel=f"{ylabel} (%)" if percent else ylabel)
-    ax.grid(alpha=0.3)
-    note = f"mean, band: min-max\nover {seeds} seeds" if seeds > 1 else "1 seed"
-    fig.legend(loc="outside right upper", title=note, fontsize=9, title_fontsize=9)
-    return save(fig, path)
+    return seeds

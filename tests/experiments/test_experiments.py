@@ -146,3 +146,65 @@ def test_bad_output_folder_is_said_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot write to --out"):
         run_experiment("placement", blocked / "sub", quick=True, progress=False, data=DIGITS,
                        echo=lambda s: None)
+
+
+@pytest.mark.parametrize(("quick", "seed", "seeds"), [(True, 0, [0]), (True, 5, [5]),
+                                                      (False, 0, [0, 1, 2]),
+                                                      (False, 5, [5, 6, 7])])
+def test_context_seeds(tmp_path: Path, quick: bool, seed: int, seeds: list[int]) -> None:
+    from normlab.experiments.lab import Context
+    from normlab.experiments.runs import ResultStore
+
+    ctx = Context(DIGITS, tmp_path, ResultStore(tmp_path / "r.json", "x"), quick=quick,
+                  seed=seed)
+    assert ctx.seeds() == seeds
+
+
+def test_runs_repeat_over_seeds_and_are_cached_per_seed(tmp_path: Path) -> None:
+    from normlab.experiments.lab import Context
+    from normlab.experiments.runs import ResultStore
+
+    messages: list[str] = []
+    store = ResultStore(tmp_path / "r.json", "x")
+    ctx = Context(DIGITS.subset(128, 64, seed=0), tmp_path, store, progress=False,
+                  echo=messages.append)
+    model = {"kind": "mlp", "hidden": [8], "norm": "none"}
+    spec = ctx.spec(10, batch_size=16)
+    first = ctx.runs("m", model, spec)
+    assert sorted(store.runs) == ["m-seed0", "m-seed1", "m-seed2"]
+    assert [store.runs[f"m-seed{s}"]["config"]["train"]["seed"] for s in range(3)] == [0, 1, 2]
+    assert first[0]["test_acc"] != first[1]["test_acc"] or first[0]["train_loss"] != \
+        first[1]["train_loss"]  # different seeds, different runs
+    assert ctx.runs("m", model, spec) == first
+    assert sum("reused" in m for m in messages) == 3
+
+
+@pytest.mark.parametrize(("values", "text"), [
+    ([0.9], "90.0%"),
+    ([0.9, 0.95, 0.92], "92.3% (90.0-95.0)"),
+])
+def test_fmt_acc_range(values: list[float], text: str) -> None:
+    from normlab.experiments.lab import fmt_acc_range
+
+    assert fmt_acc_range(values) == text
+
+
+@pytest.mark.parametrize(("values", "text"), [
+    ([50], "50"),
+    ([50, 75, 100], "75 (50-100)"),
+    ([50, None, 100], "50, > 300, 100"),  # no mean of a value that was never reached
+    ([None], "> 300"),
+])
+def test_fmt_steps_range(values: list[int | None], text: str) -> None:
+    from normlab.experiments.lab import fmt_steps_range
+
+    assert fmt_steps_range(values, 300) == text
+
+
+def test_band_plot_keeps_a_diverged_seed(tmp_path: Path) -> None:
+    from normlab.experiments.figures import band_plot
+
+    png = band_plot(tmp_path / "b.png", [("a", [0, 10, 20], [[0.1, 0.5, 0.9], [0.1, 0.2]])],
+                    title="t", xlabel="step", ylabel="acc", hlines={"chance": 0.1},
+                    zoom=(0.8, 1.0))
+    assert png.read_bytes()[:8] == PNG_MAGIC
