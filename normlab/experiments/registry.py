@@ -77,5 +77,38 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
             "ReLU MLP (3 x 100): no norm; BN before the activation; BN after it; BN before "
             "plus BN on the inputs; BN before plus BN on the logits. Accuracy vs steps.",
         ),
+        ExperimentInfo(
+            "gradients",
+            "Vanishing gradients in a deep sigmoid MLP",
+            "Without BatchNorm the gradient fades layer by layer on its way back through a "
+            "deep sigmoid network (the first layer's gradient more than 10x smaller than the "
+            "last's); with BatchNorm it reaches the first layer intact.",
+            "MLP with 12 hidden layers of 64 sigmoids, with and without BatchNorm, PyTorch's "
+            "default init and a large (saturating) init; plain SGD. Per-layer norm of dL/dW "
+            "over training (log scale), and the share of saturated sigmoids (sigmoid' < 0.01) "
+            "per layer.",
+        ),
+        ExperimentInfo(
+            "train-eval",
+            "Training vs inference statistics",
+            "A BatchNorm network must infer with its running statistics (model.eval()): with "
+            "batch statistics, small test batches cost accuracy and a single sample cannot be "
+            "normalized at all; statistics re-estimated on a shifted test distribution "
+            "recover accuracy the running statistics lose.",
+            "ReLU MLP (3 x 100) with BatchNorm, SGD, batch 64. Over training: test accuracy "
+            "in eval mode and with batch statistics on test batches of 64, 8 and 2 (and 1, "
+            "which BatchNorm1d refuses in train mode); at the end, the same on a shifted test "
+            "set (lower contrast, brighter), with statistics re-estimated on it, and on "
+            "single-class batches.",
+        ),
+        ExperimentInfo(
+            "regularization",
+            "BatchNorm as a regularizer",
+            "BatchNorm narrows the gap between training and test accuracy and lessens the "
+            "need for dropout.",
+            "ReLU MLP (3 x 256), with and without BatchNorm, with and without dropout 0.5 "
+            "(2 x 2), SGD with momentum, a reduced training set so the network can overfit; "
+            "train and test accuracy (eval mode) and their gap over training.",
+        ),
     ]
 }
