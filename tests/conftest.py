@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import pytest
-import torch
+# Triton's interpreter is chosen when triton is imported (its own library's jit functions
+# included): set before anything imports it, so the Triton provider's tests run its
+# kernels on CPU tensors (tests/ops/test_triton.py). Other tests never ask for it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import normlab
-from normlab import ops
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import normlab  # noqa: E402
+from normlab import ops  # noqa: E402
 
 # Keep tests reproducible and light on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from normlab.ops.composite import PROVIDER as COMPOSITE
@@ -120,7 +121,8 @@ def _register_triton() -> None:
         for mode, entries in by_mode.items():
             _ROUTES[device_type, mode] = (*entries, *_ROUTES.get((device_type, mode), ()))
     _PIECES["cuda"] = triton.PIECES
-    _PROVIDERS.append(triton.NAME)
+    if torch.cuda.is_available():  # on CPU tensors only the interpreter runs it (tests)
+        _PROVIDERS.append(triton.NAME)
 
 
 _register_cpu()

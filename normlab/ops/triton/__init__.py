@@ -22,7 +22,6 @@ way; plain eager calls take an ``autograd.Function`` twin without the dispatch c
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from types import ModuleType
@@ -41,19 +40,27 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 
 
-@functools.cache
+_INSTALLED: bool | None = None
+_KERNELS: ModuleType | None = None
+
+
 def installed() -> bool:
     """Whether the ``triton`` package is importable (not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    global _INSTALLED
+    if _INSTALLED is None:
+        _INSTALLED = importlib.util.find_spec("triton") is not None
+    return _INSTALLED
 
 
-@functools.cache
 def _kernels() -> ModuleType:
     """The kernels module, imported (with triton) at the first call."""
-    from normlab.ops.triton import kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from normlab.ops.triton import kernels
 
-    kernels.INTERPRETED = os.environ.get(INTERPRET_VAR) == "1"
-    return kernels
+        kernels.INTERPRETED = os.environ.get(INTERPRET_VAR) == "1"
+        _KERNELS = kernels
+    return _KERNELS
 
 
 def runs_on(x: Tensor) -> bool:

@@ -38,10 +38,10 @@ _TARGET_PROGRAMS = 512  # enough to fill a large GPU; partials stay few for the 
 @triton.jit
 def _activate(z, ACT: tl.constexpr, slope):
     out = z
-    if ACT == 1:
-        out = tl.where(z > 0, z, 0.0)
+    if ACT == 1:  # NaN stays NaN, as torch's
+        out = tl.where(z < 0, 0.0, z)
     if ACT == 2:
-        out = tl.where(z > 0, z, z * slope)
+        out = tl.where(z < 0, z * slope, z)
     if ACT == 3:
         out = z * tl.sigmoid(z)
     if ACT == 4:
@@ -312,10 +312,26 @@ def tiles(view: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
     return block_k, block_s, k_blocks, chunks, tiles_per_chunk * block_s
 
 
-def _mask_strides(mask4: Tensor | None) -> tuple[Tensor | None, int, int]:
+def _geometry(shape: torch.Size, per_sample: bool) -> tuple[tuple[int, int, int, int], bool]:
+    """The launch view: per-channel statistics of one value per sample (``[N, C]``-like,
+    ``S = 1``) walk ``N`` as their ``S`` axis, so a program covers many samples instead
+    of one element."""
+    n, g, k, s = shape
+    swap = not per_sample and s == 1 and n > 1
+    return ((1, g, k, n) if swap else (n, g, k, s)), swap
+
+
+def _strides(t: Tensor, swap: bool) -> tuple[int, int, int, int]:
+    sn, sg, sk, ss = t.stride()
+    return (0, sg, sk, sn) if swap else (sn, sg, sk, ss)
+
+
+def _mask_strides(mask4: Tensor | None, swap: bool) -> tuple[Tensor | None, int, int]:
     if mask4 is None:
         return None, 0, 0
     as_bytes = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
+    if swap:
+        return as_bytes, 0, as_bytes.stride(0)
     return as_bytes, as_bytes.stride(0), as_bytes.stride(3)
 
 
@@ -325,16 +341,16 @@ def moments(
     """``stats [4, R]``: mean, biased var, rstd and count per statistic (``R = G``, or
     ``N*G`` per sample), accumulator dtype (mean 0 and var the mean of squares without
     ``center``; over ``mask4``'s valid positions)."""
-    n, g, k, s = x4.shape
+    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
     acc, acc_tl = accumulator(x4.dtype)
     block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
     stats = g * n if per_sample else g
     partials = k_blocks * chunks * (1 if per_sample else n)
     parts = torch.empty(3, stats, partials, dtype=acc, device=x4.device)
-    mask, m_n, m_s = _mask_strides(mask4)
+    mask, m_n, m_s = _mask_strides(mask4, swap)
     _partial_moments[(n * g, k_blocks, chunks)](
         x4, mask, parts[0], parts[1], parts[2],
-        n, g, k, s, *x4.stride(), m_n, m_s, k_blocks, chunks, s_per,
+        n, g, k, s, *_strides(x4, swap), m_n, m_s, k_blocks, chunks, s_per,
         PER_SAMPLE=per_sample, MASKED=mask is not None, ACC=acc_tl,
         BLOCK_K=block_k, BLOCK_S=block_s,
     )
@@ -351,11 +367,11 @@ def normalize(
     bias: Tensor | None, *, per_sample: bool, act: int, slope: float,
 ) -> None:
     """Writes ``act((x4 - mean) * rstd * weight + bias)`` into ``y4``."""
-    n, g, k, s = x4.shape
+    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
     _, acc_tl = accumulator(x4.dtype)
     block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
     _normalize[(n * g, k_blocks, chunks)](
-        x4, y4, mean, rstd, weight, bias, g, k, s, *x4.stride(), *y4.stride(), s_per,
+        x4, y4, mean, rstd, weight, bias, g, k, s, *_strides(x4, swap), *_strides(y4, swap), s_per,
         float(slope), PER_SAMPLE=per_sample, HAS_W=weight is not None,
         HAS_B=bias is not None, ACT=act, ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
     )
@@ -365,14 +381,15 @@ def grad_sums(
     dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, *, per_sample: bool, act: int, slope: float,
 ) -> tuple[Tensor, Tensor]:
-    """``(sum dy', sum dy' * xhat)`` per ``(n, feature)``: ``[N, G*K]``, accumulator dtype."""
-    n, g, k, s = x4.shape
+    """``(sum dy', sum dy' * xhat)`` per ``(n, feature)``: ``[N, G*K]`` (``[1, C]`` for
+    ``[N, C]``-like per-channel input), accumulator dtype."""
+    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
     acc, acc_tl = accumulator(x4.dtype)
     block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
     sums = torch.empty(2, n, g * k, chunks, dtype=acc, device=x4.device)
     _grad_sums[(n * g, k_blocks, chunks)](
-        dy4, x4, mean, rstd, weight, bias, sums[0], sums[1], g, k, s, *x4.stride(),
-        *dy4.stride(), chunks, s_per, float(slope), PER_SAMPLE=per_sample,
+        dy4, x4, mean, rstd, weight, bias, sums[0], sums[1], g, k, s, *_strides(x4, swap),
+        *_strides(dy4, swap), chunks, s_per, float(slope), PER_SAMPLE=per_sample,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=acc_tl,
         BLOCK_K=block_k, BLOCK_S=block_s,
     )
@@ -387,14 +404,14 @@ def grad_input(
 ) -> None:
     """Writes the input gradient into ``dx4``; ``through = (A, B, count)`` per statistic
     for batch statistics, ``None`` for given ones."""
-    n, g, k, s = x4.shape
+    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
     _, acc_tl = accumulator(x4.dtype)
     block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
-    mask, m_n, m_s = _mask_strides(mask4)
+    mask, m_n, m_s = _mask_strides(mask4, swap)
     a, b, count = through if through is not None else (mean, mean, mean)
     _grad_input[(n * g, k_blocks, chunks)](
-        dy4, x4, dx4, mean, rstd, weight, bias, a, b, count, mask, g, k, s, *x4.stride(),
-        *dy4.stride(), *dx4.stride(), m_n, m_s, s_per, float(slope),
+        dy4, x4, dx4, mean, rstd, weight, bias, a, b, count, mask, g, k, s, *_strides(x4, swap),
+        *_strides(dy4, swap), *_strides(dx4, swap), m_n, m_s, s_per, float(slope),
         PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
         BATCH_STATS=through is not None, CENTER=center, MASKED=mask is not None,
         ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
