@@ -7,7 +7,7 @@ STAMP := $(VENV)/.normlab-installed
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo docs lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/normlab demo
+
+# The README's demo table and docs/lab/demo_accuracy.png, regenerated from `normlab demo`
+# (seed 0): the numbers there cannot drift from what the code gives.
+docs: $(STAMP)
+	$(PY) -m normlab.experiments.docs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check normlab tests benchmarks examples

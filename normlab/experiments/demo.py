@@ -156,7 +156,7 @@ def run_demo(
         out / "demo_accuracy.png",
         [(labels[n], r["steps"], r["test_acc"]) for n, r in runs.items()],
         title=f"Same MLP, {len(runs)} normalizations: test accuracy", hline=target,
-        ylim=(0.0, 1.0),
+        chance=1 / data.num_classes,
     )
     loss_png = figures.curves_plot(
         out / "demo_loss.png",

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 __all__ = [
     "curves_figure",
@@ -79,6 +79,11 @@ def _percent_axis(ax: Axes, metric: Metric, *, fixed: bool, log: bool = False) -
         return
     ax.yaxis.set_major_formatter(_PERCENT)
     if log:
+        # Ticks at 1-2-5 steps ("2%", "5%", "10%") where the data spans few decades: a
+        # decade-only axis says too little there (matplotlib drops subs over many decades).
+        low, high = ax.get_ylim()
+        if 0 < low < high and np.log10(high / low) <= 4:
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels would crowd the axis
         return
     if metric == "accuracy" or fixed:
@@ -99,10 +104,12 @@ def _ref_lines(ax: Axes, metric: Metric, target: float | None, chance: float | N
                    label=f"chance {fmt(chance)}")
 
 
-def _legend_outside(ax: Axes, title: str | None = None) -> None:
-    """The legend right of the axes, so it never hides a curve."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, title=title,
-              fontsize="small", title_fontsize="small")
+def _legend_outside(ax: Axes, title: str | None = None, source: Axes | None = None) -> None:
+    """The legend right of ``ax``, so it never hides a curve; its entries are those of
+    ``source`` (default ``ax``)."""
+    handles, labels = (source or ax).get_legend_handles_labels()
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, title=title, fontsize="small", title_fontsize="small")
 
 
 def _overlapping(series: Sequence[Series]) -> bool:
@@ -154,13 +161,15 @@ def curves_figure(
         if hline is not None:
             err_ax.axhline(1.0 - hline, color="0.35", linestyle="--", linewidth=1)
         err_ax.set_yscale("log")
+        if err_ax.get_ylim()[1] > 1.0:  # no error above 100%: the margin would show one
+            err_ax.set_ylim(top=1.0)
         _percent_axis(err_ax, "error", fixed=fixed, log=True)
         err_ax.set(title="test error (log scale)", xlabel=xlabel, ylabel="test error")
         err_ax.grid(alpha=0.3, which="both")
         fig.suptitle(title)
-    _legend_outside(axes[-1])
-    if error_panel:  # one legend, beside the error panel; the accuracy panel's lines match
-        ax.legend_ = None
+    # One legend, right of the last panel, listing the accuracy panel's lines (the error
+    # panel draws the same series in the same colours and the target in the same style).
+    _legend_outside(axes[-1], source=ax)
     return fig
 
 
