@@ -55,10 +55,12 @@ def __getattr__(name: str) -> Any:
         value = importlib.import_module(module)
         if attr is not None:
             value = getattr(value, attr)
-    elif name.startswith("_") or importlib.util.find_spec(f"normlab.{name}") is not None:
-        # a submodule (``from normlab import running``): the import system loads it; looking
-        # through the layers here would import normlab.nn in the middle of that import
+    elif name.startswith("_"):
         raise AttributeError(f"module 'normlab' has no attribute {name!r}")
+    elif importlib.util.find_spec(f"normlab.{name}") is not None:
+        # a submodule (normlab.ops, ``from normlab import running``): loaded by name; looking
+        # through the layers first would import normlab.nn in the middle of that import
+        value = importlib.import_module(f"normlab.{name}")
     elif name in _layer_names():
         value = getattr(importlib.import_module("normlab.nn"), name)
     else:

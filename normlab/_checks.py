@@ -193,12 +193,14 @@ def one_value_per_channel(input: Tensor) -> bool:
 
 def check_values_per_channel(input: Tensor, mask: Tensor | None = None) -> None:
     """BatchNorm training needs more than one value per channel (torch's condition; with a
-    ``mask``, more than one valid position)."""
+    ``mask`` on the CPU, more than one valid position)."""
     if mask is None and one_value_per_channel(input):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
         )
-    if mask is not None and valid_per_channel(input, mask) == 1:
+    # Counting a mask's valid positions reads the device: on CPU only (elsewhere a single
+    # valid position normalizes to the bias and records its value, with no host sync).
+    if mask is not None and mask.is_cpu and valid_per_channel(input, mask) == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got input size "
             f"{input.size()} with 1 valid position in mask"

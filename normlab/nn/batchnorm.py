@@ -64,10 +64,11 @@ class BatchNormBase(NormBase):
 
     @staticmethod
     def _one_value(input: Tensor, mask: Tensor | None = None) -> bool:
-        """Whether the batch holds one value per channel (one valid position if masked)."""
+        """Whether the batch holds one value per channel (one valid position if masked;
+        counted on the CPU only: elsewhere it would cost a host sync per step)."""
         if mask is None:
             return _checks.one_value_per_channel(input)
-        return _checks.valid_per_channel(input, mask) == 1
+        return mask.is_cpu and _checks.valid_per_channel(input, mask) == 1
 
     def _stats_frozen(self, input: Tensor, mask: Tensor | None = None) -> bool:
         """Whether this training step normalizes with the running statistics, untouched."""
@@ -150,7 +151,9 @@ class BatchNormBase(NormBase):
         if (
             not self.track_running_stats
             or self._one_value(input, mask)  # small_batch="skip_update"
-            or (mask is not None and not bool(mask.any()))  # all padding: records nothing
+            # all padding records nothing (off the CPU the running update itself skips it,
+            # on the device; num_batches_tracked still counts the batch there)
+            or (mask is not None and mask.is_cpu and not bool(mask.any()))
         ):
             return True, None, None, 0.0
         return True, running_mean, running_var, self._average_factor()

@@ -122,3 +122,52 @@ def test_cumulative_average_reads_the_counter_only_after_outside_changes() -> No
     ours.num_batches_tracked = torch.tensor(3)  # a new tensor
     theirs.num_batches_tracked = torch.tensor(3)
     step()
+
+
+MASKED: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+    ("BatchNorm1d", lambda: normlab.BatchNorm1d(4), (3, 4, 6)),
+    ("BatchNorm2d", lambda: normlab.BatchNorm2d(4), (2, 4, 3, 3)),
+    ("BatchNormAct2d", lambda: normlab.BatchNormAct2d(4, act="relu"), (2, 4, 3, 3)),
+    ("InstanceNorm1d", lambda: normlab.InstanceNorm1d(4, affine=True,
+                                                      track_running_stats=True), (3, 4, 6)),
+    ("GroupNorm", lambda: normlab.GroupNorm(2, 4), (3, 4, 6)),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), [c[1:] for c in MASKED], ids=[c[0] for c in MASKED])
+def test_masked_step_runs_on_meta_without_host_sync(make, shape) -> None:  # noqa: ANN001
+    """Masked statistics and their running update (the valid count stays on the device)."""
+    layer = make().to("meta").train()
+    x = torch.randn(shape, device="meta", requires_grad=True)
+    mask = torch.ones((shape[0], *shape[2:]), dtype=torch.bool, device="meta")
+    y = layer(x, mask=mask)
+    assert y.device.type == "meta" and y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_device_counted_update_matches_the_host_one(
+    monkeypatch: pytest.MonkeyPatch, per_sample: bool
+) -> None:
+    """A valid count held on the device (a kernel's) updates the running statistics as the
+    host count does: Bessel's factor by the count, nothing recorded for no valid value,
+    instances with fewer than two valid positions left out."""
+    from normlab import plan
+
+    mean, var = torch.tensor([[1.0, 2.0], [3.0, -1.0], [5.0, 0.5]]), torch.rand(3, 2) + 0.5
+    counts = torch.tensor([4, 1, 7])
+    p = plan.instance(torch.empty(3, 2, 8), True, 1e-5, 0.3) if per_sample else plan.batch(
+        torch.empty(3, 2, 8), True, 1e-5, 0.3)
+    results = []
+    for on_device in (False, True):
+        monkeypatch.setattr(running, "_host_readable", lambda t, d=on_device: not d)
+        rm, rv = torch.zeros(2), torch.ones(2)
+        if per_sample:
+            running.record(p, rm, rv, mean, var, counts=counts)
+        else:
+            running.record(p, rm, rv, mean[0], var[0], count=counts[0])
+            running.record(p, rm, rv, mean[1], var[1], count=torch.tensor(0))
+        results.append((rm, rv))
+    torch.testing.assert_close(results[0], results[1])
+    assert not torch.equal(results[1][0], torch.zeros(2))

@@ -13,6 +13,7 @@ import torch
 
 import normlab
 from normlab import ops, plan, reference, reference_masked
+from normlab.ops import triton
 
 pytest.importorskip("normlab.ops.cpu", reason="numba is not installed")
 
@@ -210,18 +211,24 @@ def test_every_entry_that_applies_matches_composite_and_reference(call: Call, ta
 
 
 def test_cuda_and_meta_route_to_torch_natives_then_composite() -> None:
-    """Devices without a normlab provider take torch's native kernels (meta proves they
-    read nothing back); masks and InstanceNorm training the composite code."""
+    """CUDA and meta take torch's native kernels (meta proves they read nothing back),
+    the Triton provider for masks and fused activations, the composite code for
+    InstanceNorm training."""
     x = torch.empty(4, 6, 5, device="meta")
     assert type(ops.route(plan.batch(x, True, 1e-5, 0.1), plan.Call(x))).__name__ == (
         "NativeBatchTrain")
     assert type(ops.route(plan.layer(x, (5,), 1e-5), plan.Call(x))).__name__ == "NativeNorm"
     assert ops.route(plan.instance(x, True, 1e-5), plan.Call(x)) is ops.COMPOSITE
     masked = plan.batch(x, True, 1e-5, 0.1, "identity", 0.0, True)
-    assert ops.route(masked, plan.Call(x)) is ops.COMPOSITE
+    activated = plan.batch(x, True, 1e-5, 0.1, "relu")
+    # masks and fused activations: the Triton provider where triton is installed
+    fused = "triton" if triton.installed() else "torch"
+    assert ops.route(masked, plan.Call(x)).name == fused
+    assert ops.route(activated, plan.Call(x)).name == fused
     assert ops.route(plan.batch(x, True, 1e-5, 0.1), plan.Call(x), "torch") is ops.COMPOSITE
     assert ops.pieces(x) is ops.COMPOSITE
-    assert [type(e).__name__ for e in ops.routes("cuda", "eval")] == ["NativeEval", "Composite"]
+    cuda_eval = ["TritonStep"] * triton.installed() + ["NativeEval", "Composite"]
+    assert [type(e).__name__ for e in ops.routes("cuda", "eval")] == cuda_eval
 
 
 def test_backend_choice_argument_context_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -218,6 +218,11 @@ def test_calls_take_the_triton_provider() -> None:
     assert ops.routes("cuda", "train", "auto", "batch", activated=False)[0].name == "triton"
 
 
+def _buffers(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(channels, dtype=torch.float64),
+            torch.ones(channels, dtype=torch.float64))
+
+
 @pytest.mark.parametrize(("call", "shape", "padding"), [
     ("batch", (4, 3, 10), 0.3), ("batch", (3, 2, 4, 5), 0.5), ("instance", (3, 2, 9), 0.4),
     ("group", (3, 4, 8), 0.3), ("batch", (3, 2, 6), 1.0),
@@ -233,7 +238,7 @@ def test_masked_statistics(call: str, shape: tuple[int, ...], padding: float) ->
         xx = x.clone().requires_grad_()
         w = torch.linspace(0.5, 1.5, shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.linspace(-1, 1, shape[1], dtype=torch.float64, requires_grad=True)
-        rm, rv = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+        rm, rv = _buffers(shape[1])
         if call == "batch":
             y = F.batch_norm(xx, rm, rv, w, b, training=True, momentum=0.2, mask=mask,
                              backend=backend)
@@ -248,7 +253,7 @@ def test_masked_statistics(call: str, shape: tuple[int, ...], padding: float) ->
         torch.testing.assert_close(a, b)
     if call == "batch" and padding < 1:
         values = x.movedim(1, -1)[mask]  # [valid, C]
-        rm, rv = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+        rm, rv = _buffers(shape[1])
         TF.batch_norm(values, rm, rv, None, None, True, 0.2, 1e-5)
         torch.testing.assert_close(results["triton"][1], rm)
         torch.testing.assert_close(results["triton"][2], rv)

@@ -68,6 +68,19 @@ def _activation_grad(z, dy, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _rounded(y, BF16: tl.constexpr):
+    """``y`` rounded to the nearest bfloat16 (ties to even) when the output is bfloat16:
+    the interpreter's float32 -> bfloat16 store truncates; a value already representable
+    is stored exactly either way."""
+    out = y
+    if BF16:
+        bits = y.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True)
+    return out
+
+
+@triton.jit
 def _tile_offsets(row, kb, G, K, BLOCK_K: tl.constexpr):
     n = row // G
     g = row % G
@@ -164,6 +177,7 @@ def _normalize(
     G, K, S, sN, sG, sK, sS, yN, yG, yK, yS, S_PER_PROG, slope,
     PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """``y = act((x - mean) * rstd * w + b)``."""
     row = tl.program_id(0)
@@ -173,14 +187,15 @@ def _normalize(
     stat = row if PER_SAMPLE else g
     mean = tl.load(mean_ptr + stat).to(ACC)
     rstd = tl.load(rstd_ptr + stat).to(ACC)
-    scale = rstd + tl.zeros((BLOCK_K, 1), dtype=ACC)
-    shift = tl.zeros((BLOCK_K, 1), dtype=ACC)
+    # xhat first, then the affine: torch's order of roundings (half-precision outputs
+    # then match torch's to the last bit)
+    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
+    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
     feature = g * K + k
     if HAS_W:
-        scale = scale * tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
+        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
     if HAS_B:
-        shift = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
-    shift = shift - mean * scale
+        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
     x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
     y_base = y_ptr + n.to(tl.int64) * yN + g.to(tl.int64) * yG + k.to(tl.int64) * yK
     s_begin = sc * S_PER_PROG
@@ -189,8 +204,8 @@ def _normalize(
         s = (s_begin + start + tl.arange(0, BLOCK_S)[None, :]).to(tl.int64)
         ok = (k < K) & (s < s_end)
         x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
-        y = _activate(x * scale + shift, ACT, slope)
-        tl.store(y_base + s * yS, y, mask=ok)
+        y = _activate((x - mean) * rstd * w + b, ACT, slope)
+        tl.store(y_base + s * yS, _rounded(y, BF16), mask=ok)
 
 
 @triton.jit
@@ -242,7 +257,7 @@ def _grad_input(
     G, K, S, sN, sG, sK, sS, dN, dG, dK, dS, oN, oG, oK, oS, mN, mS, S_PER_PROG, slope,
     PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BATCH_STATS: tl.constexpr, CENTER: tl.constexpr, MASKED: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BF16: tl.constexpr,
 ):
     """``dx = rstd * (dy' * w - valid * (A + xhat * B) / count)`` with the statistic's
     ``A = sum dy' * w`` and ``B = sum dy' * w * xhat`` (``rstd * dy' * w`` with given
@@ -285,7 +300,7 @@ def _grad_input(
             keep = tl.load(mask_ptr + n.to(tl.int64) * mN + s * mS, mask=s < s_end, other=0)
             correction = tl.where(keep != 0, correction, 0.0)
         dx = rstd * (grad * w - correction)
-        tl.store(o_base + s * oS, dx, mask=ok)
+        tl.store(o_base + s * oS, _rounded(dx, BF16), mask=ok)
 
 
 # --- launching ------------------------------------------------------------------------------
@@ -374,6 +389,7 @@ def normalize(
         x4, y4, mean, rstd, weight, bias, g, k, s, *_strides(x4, swap), *_strides(y4, swap), s_per,
         float(slope), PER_SAMPLE=per_sample, HAS_W=weight is not None,
         HAS_B=bias is not None, ACT=act, ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
+        BF16=y4.dtype == torch.bfloat16,
     )
 
 
@@ -414,5 +430,5 @@ def grad_input(
         *_strides(dy4, swap), *_strides(dx4, swap), m_n, m_s, s_per, float(slope),
         PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
         BATCH_STATS=through is not None, CENTER=center, MASKED=mask is not None,
-        ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
+        ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s, BF16=dx4.dtype == torch.bfloat16,
     )
