@@ -291,8 +291,8 @@ def run(ctx: Context) -> ExperimentResult:
     verdict = decide([ratio(r) for r in results["none", "default"]],
                      [ratio(r) for r in results["batch", "default"]])
     plain, bn = results["none", "default"], results["batch", "default"]
-    headline = (f"default init: the first hidden layer's gradient is "
-                f"{_ratios([ratio(r) for r in plain])} smaller than the last's without BN, "
+    headline = (f"default init: the last hidden layer's gradient norm over the first's is "
+                f"{_ratios([ratio(r) for r in plain])} without BN, "
                 f"{_ratios([ratio(r) for r in bn])} with BN; test accuracy "
                 f"{seeded.range_text([r['final_test_acc'] for r in plain])} without BN, "
                 f"{seeded.range_text([r['final_test_acc'] for r in bn])} with.")

@@ -162,7 +162,8 @@ def _plot_end(ctx: Context, results: dict[str, list[dict[str, Any]]]) -> Any:
                [a.max() - m for m, a in zip(means, v, strict=True)]]
         bars = ax.barh(range(len(labels)), means, xerr=err, capsize=3,
                        color=[f"C{i}" for i in range(len(labels))])
-        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=14, fontsize=8)
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], label_type="center",
+                     color="white", fontsize=9, fontweight="bold")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_xlim(0, 100)

@@ -303,6 +303,10 @@ def run(ctx: Context) -> ExperimentResult:
          f"A single sample in train mode: {' / '.join(errors)}. Had it run, a sample "
          "normalized by its own statistics is all zeros after every BatchNorm, so every input "
          "gets the same prediction: the 'one sample' row.",
+         "With batch statistics the clean and shifted columns agree: changing every pixel "
+         "to a x + b (a > 0) changes each first-layer unit by a scale and an offset, which "
+         "the first BatchNorm removes when it normalizes by the batch's own statistics (up "
+         "to eps, which is why batches of 2 differ a little).",
          "Single-class batches: the test set sorted by label, so each batch's statistics "
          "describe one digit and normalizing by them removes what tells that digit apart."],
         [table], pngs,
