@@ -115,12 +115,16 @@ def train(data: Dataset, norm: str, init: str, steps: int, eval_every: int,
     start = time.perf_counter()
     diverged = False
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> bool:
+        """Record one evaluation; False (nothing recorded) if a norm is not finite."""
         norms, sat = gradient_norms(model, px, py)
+        if not all(math.isfinite(v) for v in norms):
+            return False
         out["steps"].append(step)
         out["test_acc"].append(_accuracy(model, x_test, data.y_test))
         out["grad_norms"].append(norms)
         out["saturated"].append(sat)
+        return True
 
     evaluate(0)
     for step in range(1, steps + 1):
@@ -132,9 +136,10 @@ def train(data: Dataset, norm: str, init: str, steps: int, eval_every: int,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % eval_every == 0 or step == steps:
-            evaluate(step)
-    # A non-finite norm is not JSON; a diverged run stops at its last finite evaluation.
+        if (step % eval_every == 0 or step == steps) and not evaluate(step):
+            diverged = True
+            break
+    # A non-finite norm is not JSON: a diverged run stops at its last finite evaluation.
     return {**out, "final_test_acc": out["test_acc"][-1], "diverged": diverged,
             "seconds": round(time.perf_counter() - start, 3)}
 

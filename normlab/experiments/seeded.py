@@ -7,6 +7,7 @@ records), so it stores its runs through :func:`cached` rather than ``Context.run
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,18 +79,20 @@ def band(ax: Axes, lines: Bands, *, percent: bool = False, logy: bool = False,
     """Mean over seeds as a line, min-max over seeds as a shaded band (log axes: the
     geometric mean, which is what a log scale shows as the middle)."""
     for label, xs, per_seed in lines:
-        ys = np.array(per_seed, dtype=float)
+        # A run that diverged stopped early: its missing evaluations are NaN, left out.
+        ys = np.full((len(per_seed), len(xs)), np.nan)
+        for i, values in enumerate(per_seed):
+            ys[i, :min(len(values), len(xs))] = [
+                np.nan if v is None else v for v in values[:len(xs)]]
         if percent:
             ys = 100 * ys
-        if logy:
-            with np.errstate(divide="ignore"):
-                middle = np.exp(np.log(ys).mean(0))
-        else:
-            middle = ys.mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no point
+            middle = np.exp(np.nanmean(np.log(ys), 0)) if logy else np.nanmean(ys, 0)
+            low, high = np.nanmin(ys, 0), np.nanmax(ys, 0)
         (line,) = ax.plot(xs, middle, label=label, linewidth=1.7, **(styles or {}).get(label, {}))
         if len(ys) > 1:
-            ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     if percent:
         ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
     if logy:

@@ -171,3 +171,15 @@ def test_regularization_models_and_rule() -> None:
     results["BN"] = [run(1.0, 0.88)] * 2  # BN's gap wider than the plain net's
     assert regularization.decide(results, 359).outcome == "not reproduced"
     assert math.isclose(regularization.gap(run(0.5, 0.5)), 0.0)
+
+
+def test_band_draws_geometric_mean_and_skips_a_diverged_seeds_missing_points() -> None:
+    from normlab.experiments import seeded
+
+    fig = seeded.new_figure(4, 3)
+    ax = fig.add_subplot()
+    # the second seed diverged after two evaluations (None marks a non-finite value)
+    seeded.band(ax, [("g", [0, 1, 2], [[1e-2, 1e-4, 1e-6], [1e-4, None]])], logy=True)
+    middle = ax.lines[0].get_ydata()
+    assert middle == pytest.approx([1e-3, 1e-4, 1e-6])
+    assert ax.get_yscale() == "log"
