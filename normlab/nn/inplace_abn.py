@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as TF
 
-from normlab import _checks
+from normlab import _checks, ops
 from normlab import functional as F
 from normlab.nn.batchnorm import BatchNormBase
 from normlab.running import update_running_stats
@@ -100,39 +100,20 @@ class _InPlaceABNFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dz: Tensor, _dmean: Tensor, _dvar: Tensor
     ) -> tuple[Tensor | None, ...]:
         z, weight, bias, var = ctx.saved_tensors
-        work = var.dtype
         n, c = z.shape[0], z.shape[1]
-        shape = (1, c, 1)
-        z3 = z.reshape(n, c, -1).to(work)
-        dz3 = dz.reshape(n, c, -1).to(work)
-        positive = z3 > 0
-        if ctx.name == "leaky_relu":
-            y3 = torch.where(positive, z3, z3 / ctx.param)
-            dy3 = torch.where(positive, dz3, dz3 * ctx.param)
-        elif ctx.name == "elu":
-            # z = alpha * (exp(y) - 1) < 0  =>  y = log1p(z / alpha), dz/dy = z + alpha
-            y3 = torch.where(positive, z3, torch.log1p(z3 / ctx.param))
-            dy3 = torch.where(positive, dz3, dz3 * (z3 + ctx.param))
-        else:
-            y3, dy3 = z3, dz3
-        w = z3.new_ones(c) if weight is None else weight.to(work)
-        b = z3.new_zeros(c) if bias is None else bias.to(work)
-        xhat = (y3 - b.reshape(shape)) / w.reshape(shape)
-        # Padded positions (a mask) enter no statistic: the statistics' terms reach the
-        # valid ones only, over their count; the sums still run over every output.
-        valid = None if ctx.mask is None else ctx.mask.reshape(n, 1, -1).to(work)
-        count = z3.shape[0] * z3.shape[2] if valid is None else int(ctx.mask.sum())
-        sum_dy = dy3.sum(dim=(0, 2))
-        sum_dy_xhat = (dy3 * xhat).sum(dim=(0, 2))
-        rstd = torch.rsqrt(var + ctx.eps)
-        through_stats = (sum_dy / count).reshape(shape) + xhat * (sum_dy_xhat / count).reshape(
-            shape
+        view = (n, c, 1, -1)
+        mask = ctx.mask
+        mask4 = None if mask is None else mask.reshape(n, 1, 1, -1)
+        # a mask's valid count stays a tensor off the CPU (reading it would sync)
+        count = z.numel() // c if mask is None else (
+            int(mask.sum()) if mask.is_cpu else mask.sum())
+        dx4, sum_dy, sum_dy_xhat = ops.pieces(z).backward_from_output(
+            dz.reshape(view), z.reshape(view), weight, bias, torch.rsqrt(var + ctx.eps), count,
+            ctx.name, ctx.param, mask4,
         )
-        dx = dy3 - (through_stats if valid is None else through_stats * valid)
-        dx = dx * (w * rstd).reshape(shape)
         dweight = None if weight is None else sum_dy_xhat.to(weight.dtype)
         dbias = None if bias is None else sum_dy.to(bias.dtype)
-        return dx.to(z.dtype).reshape(z.shape), dweight, dbias, None, None, None, None, None
+        return dx4.reshape(z.shape), dweight, dbias, None, None, None, None, None
 
 
 class InPlaceABN(BatchNormBase):
@@ -180,11 +161,12 @@ class InPlaceABN(BatchNormBase):
         """``act(BatchNorm(input))``, in place when ``inplace``; ``mask`` (bool ``[N, *S]``,
         ``True`` = valid): the statistics over the valid positions."""
         mask = self._check_input_dim(input, mask)
-        count = _checks.valid_per_channel(input, mask)
+        on_device = mask is not None and not mask.is_cpu  # counting it would read the device
+        count = mask.sum() if on_device else _checks.valid_per_channel(input, mask)
         if (
             not self.training
             or self._stats_frozen(input, mask)
-            or count <= 1  # one value per channel ("skip_update"), or none at all
+            or (not on_device and count <= 1)  # one value per channel, or none at all
         ):
             y = super().forward(input, mask)
             return F.activation(y, self.activation, self.activation_param)

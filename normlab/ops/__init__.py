@@ -85,11 +85,18 @@ class Pieces(Protocol):
     ) -> Tensor:
         """``dx = w * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)``."""
 
+    def backward_from_output(
+        self, dz4: Tensor, z4: Tensor, weight: Tensor | None, bias: Tensor | None,
+        rstd: Tensor, count: int | Tensor, act: str, param: float, mask4: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """In-place ABN's ``(dx4, sum dy, sum dy * xhat)`` from its output ``z4`` alone."""
+
 
 # --- the table --------------------------------------------------------------------------
 
 _ROUTES: dict[tuple[str, str], tuple[Provider, ...]] = {}
-_PIECES: dict[str, Pieces] = {}
+_PIECES: dict[str, Pieces] = {}  # per device type: what "auto" takes
+_PIECES_BY_NAME: dict[str, Pieces] = {}  # per backend: what asking for it by name takes
 _PROVIDERS: list[str] = []  # backend names with a provider here, besides "torch"
 
 
@@ -100,7 +107,7 @@ def _register_cpu() -> None:
         return
     for mode, entries in cpu.ROUTES.items():
         _ROUTES["cpu", mode] = entries
-    _PIECES["cpu"] = cpu.PIECES
+    _PIECES["cpu"] = _PIECES_BY_NAME[cpu.NAME] = cpu.PIECES
     _PROVIDERS.append(cpu.NAME)
 
 
@@ -120,7 +127,7 @@ def _register_triton() -> None:
     for device_type, by_mode in triton.ROUTES.items():
         for mode, entries in by_mode.items():
             _ROUTES[device_type, mode] = (*entries, *_ROUTES.get((device_type, mode), ()))
-    _PIECES["cuda"] = triton.PIECES
+    _PIECES["cuda"] = _PIECES_BY_NAME[triton.NAME] = triton.PIECES
     if torch.cuda.is_available():  # on CPU tensors only the interpreter runs it (tests)
         _PROVIDERS.append(triton.NAME)
 
@@ -177,11 +184,8 @@ def pieces(x: Tensor, backend: str | None = None) -> Pieces:
     """The split-phase pieces for ``x`` under ``backend`` (composite where no provider
     of that backend supports ``x``)."""
     name = requested() if backend is None else _check_choice(backend, "backend")
-    if name != "torch":
-        found = _PIECES.get(x.device.type)
-        if found is not None and name in ("auto", found.name) and found.supports(x):
-            return found
-    return COMPOSITE
+    found = _PIECES.get(x.device.type) if name == "auto" else _PIECES_BY_NAME.get(name)
+    return found if found is not None and found.supports(x) else COMPOSITE
 
 
 def available() -> list[str]:

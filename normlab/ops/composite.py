@@ -245,6 +245,48 @@ def backward_apply(
     return (dx * _broadcast_stats(scale, False)).to(x4.dtype)
 
 
+def backward_from_output(
+    dz4: Tensor,
+    z4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rstd: Tensor,
+    count: int | Tensor,
+    act: str,
+    param: float,
+    mask4: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """In-place ABN's backward from its output ``z4 = act(xhat * w + b)`` ``[N, C, 1, S]``
+    alone: ``(dx4, sum dy, sum dy * xhat)``, inverting the activation (``leaky_relu`` with
+    slope ``param``, ``elu`` with alpha ``param``, or ``identity``) and the affine map;
+    ``count``: the values (valid ones, with ``mask4``) behind each channel's statistics."""
+    work = rstd.dtype
+    z = z4.to(work)
+    dz = dz4.to(work)
+    positive = z > 0
+    if act == "leaky_relu":
+        y = torch.where(positive, z, z / param)
+        dy = torch.where(positive, dz, dz * param)
+    elif act == "elu":
+        # z = alpha * (exp(y) - 1) < 0  =>  y = log1p(z / alpha), dz/dy = z + alpha
+        y = torch.where(positive, z, torch.log1p(z / param))
+        dy = torch.where(positive, dz, dz * (z + param))
+    else:
+        y, dy = z, dz
+    shape = (1, -1, 1, 1)
+    w = torch.ones_like(rstd) if weight is None else weight.to(work)
+    b = torch.zeros_like(rstd) if bias is None else bias.to(work)
+    xhat = (y - b.reshape(shape)) / w.reshape(shape)
+    sum_dy, sum_dy_xhat = dy.sum(dim=(0, 2, 3)), (dy * xhat).sum(dim=(0, 2, 3))
+    # Padded positions enter no statistic: the statistics' terms reach the valid ones
+    # only, over their count; the sums still run over every output.
+    through_stats = (sum_dy / count).reshape(shape) + xhat * (sum_dy_xhat / count).reshape(shape)
+    if mask4 is not None:
+        through_stats = through_stats * mask4.to(work)
+    dx = (dy - through_stats) * (w * rstd).reshape(shape)
+    return dx.to(z4.dtype), sum_dy, sum_dy_xhat
+
+
 class Composite:
     """The provider every route ends with: applies to every plan and tensor; also
     SyncBatchNorm's split-phase pieces on any device."""
@@ -266,6 +308,7 @@ class Composite:
     moments = staticmethod(moments)
     backward_reduce = staticmethod(backward_reduce)
     backward_apply = staticmethod(backward_apply)
+    backward_from_output = staticmethod(backward_from_output)
 
 
 PROVIDER = Composite()

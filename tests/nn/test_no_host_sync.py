@@ -131,6 +131,7 @@ MASKED: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("InstanceNorm1d", lambda: normlab.InstanceNorm1d(4, affine=True,
                                                       track_running_stats=True), (3, 4, 6)),
     ("GroupNorm", lambda: normlab.GroupNorm(2, 4), (3, 4, 6)),
+    ("InPlaceABN", lambda: normlab.InPlaceABN(4, inplace=False), (3, 4, 6)),
 ]
 
 

@@ -353,3 +353,30 @@ def test_layers_on_the_provider_match_torch_layers() -> None:
             for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(),
                             strict=True):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("activation", "masked"), [
+    ("leaky_relu", False), ("elu", False), ("identity", False), ("leaky_relu", True),
+], ids=["leaky_relu", "elu", "identity", "leaky_relu-masked"])
+def test_inplace_abn_backward_from_the_output(activation: str, masked: bool) -> None:
+    """In-place ABN on the provider (statistics, then the backward from the output alone)
+    equals the composite backend's: output, gradients, running statistics."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=g) > 0.3 if masked else None
+    dz = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    assert ops.pieces(x, "triton").name == "triton"  # the backward's provider
+    results = []
+    for backend in ("triton", "torch"):
+        layer = normlab.InPlaceABN(4, activation=activation, activation_param=0.2,
+                                   inplace=False, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 2.0, 4))
+            layer.bias.copy_(torch.linspace(-0.5, 0.5, 4))
+        xx = x.clone().requires_grad_()
+        with normlab.use_backend(backend):
+            z = layer(xx, mask=mask)
+            grads = torch.autograd.grad(z, (xx, layer.weight, layer.bias), dz)
+        results.append((z, *grads, layer.running_mean, layer.running_var))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from normlab.ops import _library
+from normlab.ops import _library, composite
 from normlab.ops.composite import run
 from normlab.ops.cpu import impl
 from normlab.ops.cpu.kernels import ACT_CODES
@@ -71,6 +71,7 @@ class Pieces:
     moments = staticmethod(_library.moments)
     backward_reduce = staticmethod(_library.backward_reduce)
     backward_apply = staticmethod(_library.backward_apply)
+    backward_from_output = staticmethod(composite.backward_from_output)
 
 
 PIECES = Pieces()

@@ -37,7 +37,9 @@ from normlab.plan import KINDS, Call, Plan, compute_dtype
 NAME = "triton"
 INTERPRET_VAR = "TRITON_INTERPRET"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels' activation codes (constexpr branches); elu only in in-place ABN's backward.
 _ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+_ABN_CODES = {"identity": 0, "leaky_relu": 2, "elu": 5}
 
 
 _INSTALLED: bool | None = None
@@ -364,6 +366,31 @@ class Pieces:
                               (sum_dy * scale, sum_dy_xhat * scale, counts), None,
                               per_sample=False, center=True, act=0, slope=0.0)
         return dx4
+
+
+    @staticmethod
+    def backward_from_output(
+        dz4: Tensor, z4: Tensor, weight: Tensor | None, bias: Tensor | None, rstd: Tensor,
+        count: int | Tensor, act: str, param: float, mask4: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """In-place ABN's backward from its output, in two kernels (sums, input gradient)."""
+        if z4.is_meta:
+            return torch.empty_like(z4), torch.empty_like(rstd), torch.empty_like(rstd)
+        kernels, code = _kernels(), _ABN_CODES[act]
+        w, b = _flat(weight), _flat(bias)
+        sum_g, sum_gx = kernels.grad_sums(dz4, z4, rstd, rstd, w, b, per_sample=False,
+                                          act=code, slope=param, from_output=True)
+        sum_dy, sum_dy_xhat = sum_g.sum(0), sum_gx.sum(0)
+        scale = 1.0 if w is None else w.to(sum_dy.dtype)
+        counts = (count.to(rstd.dtype) if isinstance(count, Tensor) else
+                  torch.tensor(float(count), dtype=rstd.dtype, device=rstd.device))
+        dx4 = torch.empty(z4.shape, dtype=z4.dtype, device=z4.device)
+        kernels.grad_input(dz4, z4, dx4, rstd, rstd, w, b,
+                           (sum_dy * scale, sum_dy_xhat * scale,
+                            counts.expand_as(rstd).contiguous()),
+                           mask4, per_sample=False, center=True, act=code, slope=param,
+                           from_output=True)
+        return dx4, sum_dy, sum_dy_xhat
 
 
 def _stats(x4: Tensor, mask4: Tensor | None, per_sample: bool, center: bool,

@@ -28,9 +28,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Activation codes shared with the provider (the plan's names -> constexpr branches).
-ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
-
 _TILE = 1024  # elements a program holds at a time
 _TARGET_PROGRAMS = 512  # enough to fill a large GPU; partials stay few for the merge
 
@@ -65,6 +62,21 @@ def _activation_grad(z, dy, ACT: tl.constexpr, slope):
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         out = dy * (cdf + z * pdf)
     return out
+
+
+@triton.jit
+def _recover(z, dz, w, b, ACT: tl.constexpr, alpha):
+    """In-place ABN's backward from the output ``z = act(xhat * w + b)``: ``(xhat,
+    dz * act'(y))``, inverting leaky_relu (code 2), elu (code 5) or nothing."""
+    y = z
+    grad = dz
+    if ACT == 2:
+        y = tl.where(z < 0, z / alpha, z)
+        grad = tl.where(z < 0, dz * alpha, dz)
+    if ACT == 5:  # z = alpha * (exp(y) - 1) below 0: y = log(1 + z / alpha), dz/dy = z + alpha
+        y = tl.where(z < 0, tl.log(1.0 + z / alpha), z)
+        grad = tl.where(z < 0, dz * (z + alpha), dz)
+    return (y - b) / w, grad
 
 
 @triton.jit
@@ -214,8 +226,10 @@ def _grad_sums(
     G, K, S, sN, sG, sK, sS, dN, dG, dK, dS, SC, S_PER_PROG, slope,
     PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
 ):
-    """Per ``(n, feature, chunk)``: ``sum dy'`` and ``sum dy' * xhat`` over its ``S``."""
+    """Per ``(n, feature, chunk)``: ``sum dy'`` and ``sum dy' * xhat`` over its ``S``
+    (``FROM_OUTPUT``: ``x_ptr`` holds in-place ABN's output, see :func:`_recover`)."""
     row = tl.program_id(0)
     kb = tl.program_id(1)
     sc = tl.program_id(2)
@@ -241,10 +255,13 @@ def _grad_sums(
         ok = (k < K) & (s < s_end)
         x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
         dy = tl.load(d_base + s * dS, mask=ok, other=0.0).to(ACC)
-        xhat = (x - mean) * rstd
-        grad = _activation_grad(xhat * w + b, dy, ACT, slope)
-        sum_g += tl.sum(grad, axis=1)
-        sum_gx += tl.sum(grad * xhat, axis=1)
+        if FROM_OUTPUT:
+            xhat, grad = _recover(x, dy, w, b, ACT, slope)
+        else:
+            xhat = (x - mean) * rstd
+            grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+        sum_g += tl.sum(tl.where(ok, grad, 0.0), axis=1)
+        sum_gx += tl.sum(tl.where(ok, grad * xhat, 0.0), axis=1)
     kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     index = ((n * G + g) * K + kk).to(tl.int64) * SC + sc
     tl.store(u_ptr + index, sum_g, mask=kk < K)
@@ -258,6 +275,7 @@ def _grad_input(
     PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BATCH_STATS: tl.constexpr, CENTER: tl.constexpr, MASKED: tl.constexpr,
     ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BF16: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
 ):
     """``dx = rstd * (dy' * w - valid * (A + xhat * B) / count)`` with the statistic's
     ``A = sum dy' * w`` and ``B = sum dy' * w * xhat`` (``rstd * dy' * w`` with given
@@ -293,8 +311,11 @@ def _grad_input(
         ok = (k < K) & (s < s_end)
         x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
         dy = tl.load(d_base + s * dS, mask=ok, other=0.0).to(ACC)
-        xhat = (x - mean) * rstd
-        grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+        if FROM_OUTPUT:
+            xhat, grad = _recover(x, dy, w, b, ACT, slope)
+        else:
+            xhat = (x - mean) * rstd
+            grad = _activation_grad(xhat * w + b, dy, ACT, slope)
         correction = through_a + xhat * through_b
         if MASKED:
             keep = tl.load(mask_ptr + n.to(tl.int64) * mN + s * mS, mask=s < s_end, other=0)
@@ -396,9 +417,11 @@ def normalize(
 def grad_sums(
     dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, *, per_sample: bool, act: int, slope: float,
+    from_output: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(sum dy', sum dy' * xhat)`` per ``(n, feature)``: ``[N, G*K]`` (``[1, C]`` for
-    ``[N, C]``-like per-channel input), accumulator dtype."""
+    ``[N, C]``-like per-channel input), accumulator dtype. ``from_output``: ``x4`` is
+    in-place ABN's output (act 2 leaky_relu, 5 elu, 0 none; ``slope`` its parameter)."""
     (n, g, k, s), swap = _geometry(x4.shape, per_sample)
     acc, acc_tl = accumulator(x4.dtype)
     block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
@@ -407,7 +430,7 @@ def grad_sums(
         dy4, x4, mean, rstd, weight, bias, sums[0], sums[1], g, k, s, *_strides(x4, swap),
         *_strides(dy4, swap), chunks, s_per, float(slope), PER_SAMPLE=per_sample,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=acc_tl,
-        BLOCK_K=block_k, BLOCK_S=block_s,
+        BLOCK_K=block_k, BLOCK_S=block_s, FROM_OUTPUT=from_output,
     )
     total = sums.sum(3)
     return total[0], total[1]
@@ -417,6 +440,7 @@ def grad_input(
     dy4: Tensor, x4: Tensor, dx4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, through: tuple[Tensor, Tensor, Tensor] | None,
     mask4: Tensor | None, *, per_sample: bool, center: bool, act: int, slope: float,
+    from_output: bool = False,
 ) -> None:
     """Writes the input gradient into ``dx4``; ``through = (A, B, count)`` per statistic
     for batch statistics, ``None`` for given ones."""
@@ -431,4 +455,5 @@ def grad_input(
         PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
         BATCH_STATS=through is not None, CENTER=center, MASKED=mask is not None,
         ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s, BF16=dx4.dtype == torch.bfloat16,
+        FROM_OUTPUT=from_output,
     )
