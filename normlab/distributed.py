@@ -100,6 +100,12 @@ def _all_gather_flat(output: Tensor, input: Tensor, group: ProcessGroup) -> None
     gather(output, input, group=group)
 
 
+def _on_host(t: Tensor) -> bool:
+    """Whether reading ``t``'s values costs no device sync (CPU tensors: gloo). Elsewhere
+    the counts stay tensors on the device and every decision on them a ``torch.where``."""
+    return t.is_cpu
+
+
 def _stats_dtype(device: torch.device) -> torch.dtype:
     """float64 for the exchanged statistics: counts stay exact past 2**24 and the merge
     adds no rounding; MPS has no float64, so it keeps float32."""
@@ -150,16 +156,18 @@ def check_channels(
 def gather_batch_stats(
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: int | Tensor,
     process_group: ProcessGroup = None,
     *,
     owner: Any = None,
-) -> tuple[Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, int | Tensor]:
     """Merge every rank's per-channel statistics into the global batch's: ONE all_gather.
 
     ``mean``/``var`` ``[C]`` are this rank's mean and biased variance over ``count``
     elements per channel (ignored when ``count == 0``). Returns the global ``(mean, var,
-    count)``, ``mean``/``var`` ``[C]`` in ``mean``'s dtype, ``var`` biased.
+    count)``, ``mean``/``var`` ``[C]`` in ``mean``'s dtype, ``var`` biased; off the CPU
+    (or with a tensor ``count``) ``count`` is a 0-dim tensor on the device, nothing read
+    back to the host (a global count of 0 gives NaN statistics there too).
 
     The ranks' channel counts are checked first (``check_channels``, one more all_gather)
     on every call, or once per process group for a given ``owner``: any object that
@@ -173,13 +181,21 @@ def gather_batch_stats(
         if owner is not None:  # only once it passed: a failed check is repeated
             _CHECKED.setdefault(owner, weakref.WeakSet()).add(group_object)
     work = _stats_dtype(mean.device)
+    on_device = isinstance(count, Tensor) or not _on_host(mean)
     packed = torch.empty(1 + 2 * channels, dtype=work, device=mean.device)
-    packed[0] = count
-    if count > 0:
-        packed[1 : 1 + channels] = mean
-        packed[1 + channels :] = var.to(work) * count  # M2: sum of squared deviations
+    if on_device:
+        count_t = torch.as_tensor(count, dtype=work, device=mean.device)
+        packed[0] = count_t
+        has = count_t > 0  # zero weight below, but 0 * NaN would still poison the sums
+        packed[1 : 1 + channels] = torch.where(has, mean.to(work), 0.0)
+        packed[1 + channels :] = torch.where(has, var.to(work) * count_t, 0.0)
     else:
-        packed[1:] = 0  # zero weight below, but 0 * NaN would still poison the sums
+        packed[0] = count
+        if count > 0:
+            packed[1 : 1 + channels] = mean
+            packed[1 + channels :] = var.to(work) * count  # M2: sum of squared deviations
+        else:
+            packed[1:] = 0
     size = dist.get_world_size(process_group)
     gathered = torch.empty(size * packed.numel(), dtype=work, device=mean.device)
     _collective(
@@ -188,6 +204,15 @@ def gather_batch_stats(
     gathered = gathered.view(size, packed.numel())
     counts = gathered[:, :1]  # [W, 1]
     means, m2s = gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    if on_device:
+        total_t = counts.sum()
+        per = total_t.clamp_min(1)
+        global_mean = (counts * means).sum(0) / per
+        global_m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
+        nan = torch.tensor(float("nan"), dtype=work, device=mean.device)
+        empty = total_t == 0
+        return (torch.where(empty, nan, global_mean).to(mean.dtype),
+                torch.where(empty, nan, global_m2 / per).to(mean.dtype), total_t)
     total = int(round(float(counts.sum())))
     if total == 0:
         nan = torch.full_like(mean, float("nan"))
@@ -275,7 +300,7 @@ def batch_stats(
     backend: str | None = None,
     owner: Any = None,
     mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, int | Tensor]:
     """Per-channel ``(mean, biased var, count)`` of the batch concatenated over all ranks of
     ``process_group``: local moments with the backend's kernels, then ONE all_gather
     (after the channel check, see ``gather_batch_stats`` for ``owner``).
@@ -284,10 +309,14 @@ def batch_stats(
     compute dtype (float32, float64 for float64 input); with a global count of 0 they are
     0 and 1 (nothing is normalized; nothing should be recorded), with a ``mask`` (bool
     ``[N, *S]``: statistics over its valid positions) 0 and +inf (the output is ``bias``).
+    Off the CPU ``count`` is a 0-dim tensor on the device (see ``gather_batch_stats``).
     """
-    local_count = _checks.valid_per_channel(input, mask)
+    if mask is not None and not _on_host(mask):  # counted on the device
+        local_count: int | Tensor = mask.sum()
+    else:
+        local_count = _checks.valid_per_channel(input, mask)
     with torch.no_grad():
-        if local_count > 0:
+        if isinstance(local_count, Tensor) or local_count > 0:  # masked: zeros for none
             mean, var = F.batch_stats(input, mask, backend=backend)
         else:
             mean = torch.zeros(
@@ -297,8 +326,11 @@ def batch_stats(
         mean, var, count = gather_batch_stats(
             mean, var, local_count, process_group, owner=owner
         )
+    fill = 1.0 if mask is None else float("inf")
+    if isinstance(count, Tensor):
+        empty = count == 0
+        return (torch.where(empty, 0.0, mean), torch.where(empty, fill, var), count)
     if count == 0:
-        fill = 1.0 if mask is None else float("inf")
         mean, var = torch.zeros_like(mean), torch.full_like(var, fill)
     return mean, var, count
 
@@ -307,7 +339,7 @@ def normalize_synced(
     input: Tensor,
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: int | Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
@@ -373,9 +405,13 @@ def sync_batch_norm(
     )
 
 
-def check_global_count(count: int, input: Tensor) -> None:
+def check_global_count(count: int | Tensor, input: Tensor) -> None:
     """torch's rule, applied to the global batch: training needs more than one value per
-    channel. Checked after the collective, so every rank raises together (no hang)."""
+    channel. Checked after the collective, so every rank raises together (no hang). A
+    count held on the device is not read (a host sync per step): as torch's SyncBatchNorm
+    on a GPU, a global batch of one value then normalizes to ``bias``."""
+    if isinstance(count, Tensor):
+        return
     if count == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got 1 over all ranks of "

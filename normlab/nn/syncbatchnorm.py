@@ -121,7 +121,10 @@ class SyncBatchNorm(BatchNormBase):
         mean, var, count = D.batch_stats(input, group, owner=self, mask=mask)
         # Decisions that depend on the batch size use the GLOBAL count (known to every rank
         # after the collective), so all ranks take the same path: no rank waits alone.
-        if count == 1:
+        # A count on the device (off the CPU) is not read: no host sync per step; the
+        # running update then skips an empty global batch on the device by itself.
+        counted = not isinstance(count, Tensor)
+        if counted and count == 1:
             if self.small_batch == "running" and self.running_mean is not None:
                 return F._batch_norm(
                     input, self.running_mean, self.running_var, self.weight, self.bias,
@@ -130,7 +133,7 @@ class SyncBatchNorm(BatchNormBase):
             if self.small_batch != "skip_update":
                 D.check_global_count(count, input)
             # skip_update: the batch's own statistics (output = bias), nothing recorded.
-        elif mask is None or count > 0:  # a masked batch of padding only records nothing
+        elif mask is None or not counted or count > 0:  # padding only records nothing
             factor = self._average_factor()
             if self.track_running_stats:
                 update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)

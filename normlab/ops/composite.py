@@ -225,7 +225,7 @@ def backward_apply(
     weight: Tensor | None,
     sum_dy: Tensor,
     sum_dy_xhat: Tensor,
-    count: int,
+    count: int | Tensor,
     mask4: Tensor | None = None,
 ) -> Tensor:
     """BatchNorm input gradient from (possibly globally summed) reductions over ``count``
@@ -235,7 +235,7 @@ def backward_apply(
     work = compute_dtype(x4.dtype)
     xhat = (x4.to(work) - _broadcast_stats(mean, False)) * _broadcast_stats(rstd, False)
     scale = rstd if weight is None else rstd * weight.to(work)
-    count = max(count, 1)
+    count = count.clamp_min(1) if isinstance(count, Tensor) else max(count, 1)
     through_stats = _broadcast_stats(sum_dy / count, False) + xhat * _broadcast_stats(
         sum_dy_xhat / count, False
     )

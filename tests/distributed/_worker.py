@@ -506,9 +506,35 @@ def masked(rank: int, world: int) -> dict[str, list[float]]:
     return out
 
 
+def device_counts(rank: int, world: int) -> dict[str, list[float]]:
+    """The path GPUs take (counts kept on the device, no host read), run here on gloo by
+    treating CPU tensors as unreadable: the same equivalence cases and masked steps must
+    hold. (The global-batch rules read the count; off the CPU they follow torch's local
+    rule instead, so they are not repeated here.)"""
+    from normlab import running
+
+    out: dict[str, list[float]] = {}
+    saved = D._on_host, running._host_readable
+    D._on_host = running._host_readable = lambda t: False
+    # the composite pieces: what a GPU without triton runs (the CPU kernels' ops take
+    # host counts only, and never see device tensors)
+    ops_block = ops.use_backend("torch")
+    ops_block.__enter__()
+    try:
+        for index, case in enumerate(CASES):
+            run_case(index, case, rank, world, out)
+        for name, value in masked(rank, world).items():
+            if not name.endswith("num_batches_tracked"):  # counted on the host only
+                out[name] = value
+    finally:
+        ops_block.__exit__(None, None, None)
+        D._on_host, running._host_readable = saved
+    return out
+
+
 PHASES: dict[str, Callable[[int, int], dict[str, list[float]]]] = {
     "equivalence": equivalence, "inplace": inplace, "channels": channels, "masked": masked,
-    "failure": failure,
+    "device_counts": device_counts, "failure": failure,
 }
 
 

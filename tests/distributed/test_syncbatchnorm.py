@@ -138,6 +138,16 @@ def test_masked_matches_single_process_masked_batchnorm(groups: dict, world: int
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("part", [*CASE_NAMES, "masked/uneven", "masked/empty"])
+def test_counts_kept_on_the_device_give_the_same_results(groups: dict, world: int,
+                                                         part: str) -> None:
+    """The GPU path (global counts as device tensors, nothing read back to the host), run
+    on gloo by treating CPU tensors as unreadable: the same equivalence and masked checks
+    hold."""
+    _assert_checks(groups[world, "device_counts"], part + "/")
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
 def test_ddp_training_matches_full_batch(groups: dict, world: int) -> None:
     """3 SGD steps under DDP (uneven batches) == 3 single-process steps on the full batch."""
     _assert_checks(groups[world, "equivalence"], "ddp/")

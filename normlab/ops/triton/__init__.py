@@ -354,12 +354,13 @@ class Pieces:
     @staticmethod
     def backward_apply(
         dy4: Tensor, x4: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
-        sum_dy: Tensor, sum_dy_xhat: Tensor, count: int,
+        sum_dy: Tensor, sum_dy_xhat: Tensor, count: int | Tensor,
     ) -> Tensor:
         if x4.is_meta:
             return torch.empty_like(x4)
         scale = 1.0 if weight is None else weight.to(sum_dy.dtype)
-        counts = torch.full_like(mean, float(count))
+        counts = (count.to(mean.dtype).expand_as(mean).contiguous()
+                  if isinstance(count, Tensor) else torch.full_like(mean, float(count)))
         dx4 = torch.empty_like(x4) if x4.is_contiguous() else torch.empty(
             x4.shape, dtype=x4.dtype, device=x4.device)
         _kernels().grad_input(dy4, x4, dx4, mean, rstd, _flat(weight), None,
