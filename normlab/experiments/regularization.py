@@ -180,7 +180,7 @@ def _plot_end(ctx: Context, results: dict[str, list[dict[str, Any]]]) -> Any:
 
 def run(ctx: Context) -> ExperimentResult:
     """Train the 2 x 2 variants on every seed, plot, and decide the claim."""
-    steps, every = seeded.steps_for(ctx, 1500)
+    steps, every = seeded.steps_for(ctx, 1000)
     seeds = seeded.seed_list(ctx)
     results: dict[str, list[dict[str, Any]]] = {}
     for (bn, drop), label in VARIANTS.items():
