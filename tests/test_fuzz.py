@@ -1024,6 +1024,24 @@ def test_fuzz(case: Case, fuzz_backend: str) -> None:
     check_case(case, fuzz_backend)
 
 
+# The Triton provider runs interpreted here (about 1 ms a launch): the small cases only.
+TRITON_MAX_NUMEL = 2048
+
+
+def test_fuzz_triton(case: Case) -> None:
+    """The fast slice's small cases on the Triton provider, under TRITON_INTERPRET=1."""
+    from normlab.ops import triton
+
+    if not (triton.installed() and triton.runs_on(torch.empty(0))):
+        pytest.skip("triton not installed, or TRITON_INTERPRET=1 not set before its import")
+    if math.prod(case.shape) > TRITON_MAX_NUMEL:
+        pytest.skip(f"larger than {TRITON_MAX_NUMEL} values: too slow interpreted")
+    reason = known_issue(case, "triton")
+    if reason:
+        pytest.skip(reason)
+    check_case(case, "triton")
+
+
 def test_generator_covers_the_configuration_space() -> None:
     """The fast slice reaches every layer, dtype, layout, mode and an empty input."""
     cases = generate_cases(0, FAST_CASES)
@@ -1036,4 +1054,4 @@ def test_generator_covers_the_configuration_space() -> None:
     assert any(c.kwargs.get("eps", 1) is None for c in cases)
     assert any("momentum" in c.kwargs and c.kwargs["momentum"] is None for c in cases)
     assert {c.poison for c in cases} == {"", "nan", "inf"}
-    assert set(BACKENDS) == set(ops.CHOICES)
+    assert set(BACKENDS) | {"triton"} == set(ops.CHOICES)  # triton: test_fuzz_triton

@@ -316,7 +316,12 @@ class Pieces:
     differentiable (SyncBatchNorm's own autograd calls them)."""
 
     name = NAME
-    supports = staticmethod(runs_on)
+
+    @staticmethod
+    def supports(x: Tensor) -> bool:
+        """Non-empty input on a device the kernels run on (an empty one: the composite
+        code, which gives its NaN statistics)."""
+        return x.numel() > 0 and runs_on(x)
 
     @staticmethod
     def moments(x4: Tensor, *, per_sample: bool, center: bool) -> tuple[Tensor, Tensor]:

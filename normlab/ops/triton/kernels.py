@@ -296,7 +296,7 @@ def _grad_input(
         b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
     through_a = tl.zeros((), dtype=ACC)
     through_b = tl.zeros((), dtype=ACC)
-    if BATCH_STATS:
+    if BATCH_STATS:  # (with given statistics no term: an infinite x must not reach dx)
         per = 1.0 / tl.maximum(tl.load(cnt_ptr + stat).to(ACC), 1.0)
         through_b = tl.load(c_ptr + stat).to(ACC) * per
         if CENTER:
@@ -316,11 +316,15 @@ def _grad_input(
         else:
             xhat = (x - mean) * rstd
             grad = _activation_grad(xhat * w + b, dy, ACT, slope)
-        correction = through_a + xhat * through_b
-        if MASKED:
-            keep = tl.load(mask_ptr + n.to(tl.int64) * mN + s * mS, mask=s < s_end, other=0)
-            correction = tl.where(keep != 0, correction, 0.0)
-        dx = rstd * (grad * w - correction)
+        dx = grad * w
+        if BATCH_STATS:
+            correction = through_a + xhat * through_b
+            if MASKED:
+                keep = tl.load(mask_ptr + n.to(tl.int64) * mN + s * mS, mask=s < s_end,
+                               other=0)
+                correction = tl.where(keep != 0, correction, 0.0)
+            dx = dx - correction
+        dx = rstd * dx
         tl.store(o_base + s * oS, _rounded(dx, BF16), mask=ok)
 
 
