@@ -20,7 +20,7 @@ from normlab.experiments.registry import EXPERIMENTS
 
 __all__ = ["main"]
 
-_BACKENDS = ("auto", "cpu", "torch")
+_BACKENDS = ("auto", "cpu", "triton", "torch")
 
 
 def _run_options(func: Callable[..., Any]) -> Callable[..., Any]:

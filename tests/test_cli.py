@@ -168,3 +168,10 @@ def test_lazy_package_exports_every_layer() -> None:
         _ = normlab.no_such_name
     # The version constant the CLI reads without torch is the installed distribution's.
     assert normlab.__version__ == importlib.metadata.version("normlab")
+
+
+def test_backend_choices_are_the_library_s() -> None:
+    """The CLI lists its --backend choices without importing torch: the same as ops'."""
+    from normlab import cli, ops
+
+    assert cli._BACKENDS == ops.CHOICES

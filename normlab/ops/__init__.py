@@ -7,16 +7,18 @@ tensors, ``normlab.plan.Call``) of the plan
 ``x``'s shape and, in training with running buffers, their update
 (``normlab.running``). Its ``name`` is the backend it belongs to: ``"cpu"`` (normlab's
 numba kernels), ``"native"`` (torch's own kernels, taken by ``"auto"`` only) or
-``"torch"`` (the composite code, last entry of every route). CUDA (and ``meta``) tensors
-take torch's native kernels with normlab's semantics (``normlab.ops.torch_native``).
+``"triton"`` (``normlab.ops.triton``: GPU kernels, and CPU tensors under the interpreter
+when asked for by name) or ``"torch"`` (the composite code, last entry of every route).
+CUDA (and ``meta``) tensors take the Triton provider for fused activations and masks and
+torch's native kernels with normlab's semantics (``normlab.ops.torch_native``) otherwise.
 
 The **routing table** lists, per device type and mode (``"train"``: batch statistics;
 ``"eval"``: given ones), the entries fastest first; a call takes the first whose
 ``applies`` holds. The backend asked for (``backend=`` of a functional call, else the
 innermost :func:`use_backend`, else the ``NORMLAB_BACKEND`` environment variable, else
-``"auto"``) filters the table: ``"auto"`` keeps every entry, ``"cpu"`` the cpu ones,
-``"torch"`` only the composite one. A device no provider registered for (CUDA today)
-routes to the composite provider.
+``"auto"``) filters the table: ``"auto"`` keeps every entry but those marked
+``explicit_only``, a backend's name its own entries, ``"torch"`` only the composite one. A
+device no provider registered for routes to the composite provider.
 
 SyncBatchNorm combines statistics across processes between the local reductions and the
 elementwise passes, so it uses :class:`Pieces` instead (:func:`pieces`).
@@ -232,7 +234,9 @@ def requested() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed normlab calls on backend ``name`` (``"auto"``, ``"cpu"``, ``"torch"``)."""
+    """Run the enclosed normlab calls on backend ``name`` (``"auto"``, ``"cpu"``,
+    ``"triton"``, ``"torch"``); calls no entry of that backend supports take the composite
+    code."""
     global _open_blocks
     _check_choice(name, "backend")
     stack = _local.__dict__.setdefault("stack", [])
