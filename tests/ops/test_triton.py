@@ -224,15 +224,18 @@ def _buffers(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("call", "shape", "padding"), [
-    ("batch", (4, 3, 10), 0.3), ("batch", (3, 2, 4, 5), 0.5), ("instance", (3, 2, 9), 0.4),
-    ("group", (3, 4, 8), 0.3), ("batch", (3, 2, 6), 1.0),
-], ids=["bn1d", "bn2d", "in1d", "gn", "bn-all-padding"])
+    ("batch", (4, 3, 10), 0.3), ("batch", (3, 2, 4, 5), 0.5), ("batch-cl", (3, 4, 2, 5), 0.5),
+    ("batch", (9, 3), 0.4), ("instance", (3, 2, 9), 0.4), ("group", (3, 4, 8), 0.3),
+    ("batch", (3, 2, 6), 1.0),
+], ids=["bn1d", "bn2d", "bn2d-channels-last", "bn1d-2d", "in1d", "gn", "bn-all-padding"])
 def test_masked_statistics(call: str, shape: tuple[int, ...], padding: float) -> None:
     """Statistics and running update over the valid positions, as the composite code and
     (for BatchNorm) torch's BatchNorm1d on the concatenated valid values."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g, dtype=torch.float64) + 2
     mask = torch.rand((shape[0], *shape[2:]), generator=g) >= padding
+    if call == "batch-cl":  # channels contiguous: the kernels' per-channel tile layout
+        call, x = "batch", x.to(memory_format=torch.channels_last)
     results = {}
     for backend in ("triton", "torch"):
         xx = x.clone().requires_grad_()

@@ -93,6 +93,17 @@ def _rounded(y, BF16: tl.constexpr):
 
 
 @triton.jit
+def _stat_index(row, g, k, K, PER_SAMPLE: tl.constexpr, STAT_PER_K: tl.constexpr):
+    """A tile's statistic: per (n, g) row, per group ``g``, or per feature ``g*K + k``."""
+    stat = g + k * 0
+    if PER_SAMPLE:
+        stat = row + k * 0
+    if STAT_PER_K:
+        stat = g * K + k
+    return stat
+
+
+@triton.jit
 def _tile_offsets(row, kb, G, K, BLOCK_K: tl.constexpr):
     n = row // G
     g = row % G
@@ -104,10 +115,11 @@ def _tile_offsets(row, kb, G, K, BLOCK_K: tl.constexpr):
 def _partial_moments(
     x_ptr, mask_ptr, cnt_ptr, mean_ptr, m2_ptr,
     N, G, K, S, sN, sG, sK, sS, mN, mS, KB, SC, S_PER_PROG,
-    PER_SAMPLE: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, STAT_PER_K: tl.constexpr, MASKED: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Stage 1: one ``(count, mean, M2)`` per program, over its tiles' (valid) values."""
+    """Stage 1: ``(count, mean, M2)`` of a program's (valid) values, per ``k`` of its
+    block (``STAT_PER_K``: channels along ``K``) or merged over the block."""
     row = tl.program_id(0)
     kb = tl.program_id(1)
     sc = tl.program_id(2)
@@ -115,9 +127,9 @@ def _partial_moments(
     base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
     s_begin = sc * S_PER_PROG
     s_end = tl.minimum(s_begin + S_PER_PROG, S)
-    count = tl.zeros((), dtype=ACC)
-    mean = tl.zeros((), dtype=ACC)
-    m2 = tl.zeros((), dtype=ACC)
+    count = tl.zeros((BLOCK_K,), dtype=ACC)
+    mean = tl.zeros((BLOCK_K,), dtype=ACC)
+    m2 = tl.zeros((BLOCK_K,), dtype=ACC)
     for start in range(0, S_PER_PROG, BLOCK_S):
         s = s_begin + start + tl.arange(0, BLOCK_S)[None, :]
         ok = (k < K) & (s < s_end)
@@ -127,25 +139,36 @@ def _partial_moments(
                            mask=s < s_end, other=0)
             ok = ok & (keep != 0)
         valid = ok.to(ACC)
-        tile_count = tl.sum(valid)
-        tile_mean = tl.sum(x * valid) / tl.maximum(tile_count, 1.0)
-        centred = (x - tile_mean) * valid
-        tile_m2 = tl.sum(centred * centred)
+        tile_count = tl.sum(valid, axis=1)
+        tile_mean = tl.sum(x * valid, axis=1) / tl.maximum(tile_count, 1.0)
+        centred = (x - tile_mean[:, None]) * valid
+        tile_m2 = tl.sum(centred * centred, axis=1)
         total = count + tile_count
         delta = tile_mean - mean
         share = tile_count / tl.maximum(total, 1.0)
         mean = mean + delta * share
         m2 = m2 + tile_m2 + delta * delta * count * share
         count = total
-    if PER_SAMPLE:
-        partials = KB * SC
-        index = row * partials + kb * SC + sc
-    else:
-        partials = N * KB * SC
-        index = g * partials + (n * KB + kb) * SC + sc
-    tl.store(cnt_ptr + index, count)
-    tl.store(mean_ptr + index, mean)
-    tl.store(m2_ptr + index, m2)
+    kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    if STAT_PER_K:
+        partials = N * SC
+        index = (g * K + kk).to(tl.int64) * partials + n * SC + sc
+        tl.store(cnt_ptr + index, count, mask=kk < K)
+        tl.store(mean_ptr + index, mean, mask=kk < K)
+        tl.store(m2_ptr + index, m2, mask=kk < K)
+    else:  # the block's k merged exactly, as stage 2 merges programs
+        total = tl.sum(count)
+        merged = tl.sum(count * mean) / tl.maximum(total, 1.0)
+        spread = tl.sum(m2 + count * (mean - merged) * (mean - merged))
+        if PER_SAMPLE:
+            partials = KB * SC
+            index = row * partials + kb * SC + sc
+        else:
+            partials = N * KB * SC
+            index = g * partials + (n * KB + kb) * SC + sc
+        tl.store(cnt_ptr + index, total)
+        tl.store(mean_ptr + index, merged)
+        tl.store(m2_ptr + index, spread)
 
 
 @triton.jit
@@ -187,7 +210,8 @@ def _merge_moments(
 def _normalize(
     x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
     G, K, S, sN, sG, sK, sS, yN, yG, yK, yS, S_PER_PROG, slope,
-    PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, STAT_PER_K: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     BF16: tl.constexpr,
 ):
@@ -196,9 +220,9 @@ def _normalize(
     kb = tl.program_id(1)
     sc = tl.program_id(2)
     n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    stat = row if PER_SAMPLE else g
-    mean = tl.load(mean_ptr + stat).to(ACC)
-    rstd = tl.load(rstd_ptr + stat).to(ACC)
+    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
+    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
     # xhat first, then the affine: torch's order of roundings (half-precision outputs
     # then match torch's to the last bit)
     w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
@@ -224,7 +248,8 @@ def _normalize(
 def _grad_sums(
     dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, u_ptr, v_ptr,
     G, K, S, sN, sG, sK, sS, dN, dG, dK, dS, SC, S_PER_PROG, slope,
-    PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, STAT_PER_K: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     FROM_OUTPUT: tl.constexpr,
 ):
@@ -234,9 +259,9 @@ def _grad_sums(
     kb = tl.program_id(1)
     sc = tl.program_id(2)
     n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    stat = row if PER_SAMPLE else g
-    mean = tl.load(mean_ptr + stat).to(ACC)
-    rstd = tl.load(rstd_ptr + stat).to(ACC)
+    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
+    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
     feature = g * K + k
     w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
     b = tl.zeros((BLOCK_K, 1), dtype=ACC)
@@ -272,7 +297,8 @@ def _grad_sums(
 def _grad_input(
     dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, c_ptr, cnt_ptr, mask_ptr,
     G, K, S, sN, sG, sK, sS, dN, dG, dK, dS, oN, oG, oK, oS, mN, mS, S_PER_PROG, slope,
-    PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    PER_SAMPLE: tl.constexpr, STAT_PER_K: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, ACT: tl.constexpr,
     BATCH_STATS: tl.constexpr, CENTER: tl.constexpr, MASKED: tl.constexpr,
     ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BF16: tl.constexpr,
     FROM_OUTPUT: tl.constexpr,
@@ -284,9 +310,9 @@ def _grad_input(
     kb = tl.program_id(1)
     sc = tl.program_id(2)
     n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    stat = row if PER_SAMPLE else g
-    mean = tl.load(mean_ptr + stat).to(ACC)
-    rstd = tl.load(rstd_ptr + stat).to(ACC)
+    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
+    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
     feature = g * K + k
     w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
     b = tl.zeros((BLOCK_K, 1), dtype=ACC)
@@ -297,10 +323,10 @@ def _grad_input(
     through_a = tl.zeros((), dtype=ACC)
     through_b = tl.zeros((), dtype=ACC)
     if BATCH_STATS:  # (with given statistics no term: an infinite x must not reach dx)
-        per = 1.0 / tl.maximum(tl.load(cnt_ptr + stat).to(ACC), 1.0)
-        through_b = tl.load(c_ptr + stat).to(ACC) * per
+        per = 1.0 / tl.maximum(tl.load(cnt_ptr + stat, mask=k < K, other=1.0).to(ACC), 1.0)
+        through_b = tl.load(c_ptr + stat, mask=k < K, other=0.0).to(ACC) * per
         if CENTER:
-            through_a = tl.load(a_ptr + stat).to(ACC) * per
+            through_a = tl.load(a_ptr + stat, mask=k < K, other=0.0).to(ACC) * per
     x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
     d_base = dy_ptr + n.to(tl.int64) * dN + g.to(tl.int64) * dG + k.to(tl.int64) * dK
     o_base = dx_ptr + n.to(tl.int64) * oN + g.to(tl.int64) * oG + k.to(tl.int64) * oK
@@ -336,12 +362,13 @@ def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def tiles(view: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
+def tiles(view: tuple[int, int, int, int], max_k: int = _TILE
+          ) -> tuple[int, int, int, int, int]:
     """``(BLOCK_K, BLOCK_S, k_blocks, s_chunks, s_per_program)`` for ``view``: a tile of
-    about ``_TILE`` elements shaped to ``K`` and ``S``, and ``S`` cut into chunks until
-    the grid has about ``_TARGET_PROGRAMS`` programs."""
+    about ``_TILE`` elements shaped to ``K`` (at most ``max_k`` wide) and ``S``, and ``S``
+    cut into chunks until the grid has about ``_TARGET_PROGRAMS`` programs."""
     n, g, k, s = view
-    block_k = min(triton.next_power_of_2(k), _TILE)
+    block_k = min(triton.next_power_of_2(k), max_k)
     block_s = min(triton.next_power_of_2(s), max(1, _TILE // block_k))
     k_blocks = triton.cdiv(k, block_k)
     s_tiles = triton.cdiv(s, block_s)
@@ -352,27 +379,58 @@ def tiles(view: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
     return block_k, block_s, k_blocks, chunks, tiles_per_chunk * block_s
 
 
-def _geometry(shape: torch.Size, per_sample: bool) -> tuple[tuple[int, int, int, int], bool]:
-    """The launch view: per-channel statistics of one value per sample (``[N, C]``-like,
-    ``S = 1``) walk ``N`` as their ``S`` axis, so a program covers many samples instead
-    of one element."""
-    n, g, k, s = shape
-    swap = not per_sample and s == 1 and n > 1
-    return ((1, g, k, n) if swap else (n, g, k, s)), swap
+# Channels along K: wide enough for whole memory transactions, narrow enough that a tile
+# still walks many positions of S.
+_CHANNEL_BLOCK = 64
 
 
-def _strides(t: Tensor, swap: bool) -> tuple[int, int, int, int]:
-    sn, sg, sk, ss = t.stride()
-    return (0, sg, sk, sn) if swap else (sn, sg, sk, ss)
+class _Launch:
+    """How a plan's ``x4 [N, G, K, S]`` is launched, the same relabelling of axes for
+    every tensor of the call (only indices change, so any strides stay valid):
 
+    - per-channel statistics (``K = 1``) whose channels are contiguous in memory
+      (channels-last, ``[N, C]``) put the channels on the ``K`` axis (``per_k``): a tile's
+      rows are neighbouring channels, read in whole transactions, each its own statistic;
+    - per-channel statistics of one value per sample (``S = 1``) walk ``N`` as their
+      ``S`` axis (``swap``), so a program covers many samples instead of one."""
 
-def _mask_strides(mask4: Tensor | None, swap: bool) -> tuple[Tensor | None, int, int]:
-    if mask4 is None:
-        return None, 0, 0
-    as_bytes = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
-    if swap:
-        return as_bytes, 0, as_bytes.stride(0)
-    return as_bytes, as_bytes.stride(0), as_bytes.stride(3)
+    def __init__(self, x4: Tensor, per_sample: bool) -> None:
+        n, g, k, s = x4.shape
+        self.per_sample = per_sample
+        self.per_k = not per_sample and k == 1 and g > 1 and x4.stride(1) == 1
+        if self.per_k:
+            g, k = 1, g
+        self.swap = not per_sample and s == 1 and n > 1
+        if self.swap:
+            n, s = 1, n
+        self.view = (n, g, k, s)
+        self.tiles = tiles(self.view, _CHANNEL_BLOCK if self.per_k else _TILE)
+
+    def strides(self, t: Tensor) -> tuple[int, int, int, int]:
+        sn, sg, sk, ss = t.stride()
+        if self.per_k:
+            sg, sk = 0, sg
+        if self.swap:
+            sn, ss = 0, sn
+        return sn, sg, sk, ss
+
+    def mask(self, mask4: Tensor | None) -> tuple[Tensor | None, int, int]:
+        if mask4 is None:
+            return None, 0, 0
+        as_bytes = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
+        if self.swap:
+            return as_bytes, 0, as_bytes.stride(0)
+        return as_bytes, as_bytes.stride(0), as_bytes.stride(3)
+
+    def grid(self) -> tuple[int, int, int]:
+        n, g, _, _ = self.view
+        _, _, k_blocks, chunks, _ = self.tiles
+        return n * g, k_blocks, chunks
+
+    def flags(self) -> dict[str, object]:
+        block_k, block_s = self.tiles[:2]
+        return {"PER_SAMPLE": self.per_sample, "STAT_PER_K": self.per_k, "BLOCK_K": block_k,
+                "BLOCK_S": block_s}
 
 
 def moments(
@@ -381,18 +439,21 @@ def moments(
     """``stats [4, R]``: mean, biased var, rstd and count per statistic (``R = G``, or
     ``N*G`` per sample), accumulator dtype (mean 0 and var the mean of squares without
     ``center``; over ``mask4``'s valid positions)."""
-    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
+    launch = _Launch(x4, per_sample)
+    n, g, k, s = launch.view
+    _, _, k_blocks, chunks, s_per = launch.tiles
     acc, acc_tl = accumulator(x4.dtype)
-    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
-    stats = g * n if per_sample else g
-    partials = k_blocks * chunks * (1 if per_sample else n)
+    stats = x4.shape[0] * x4.shape[1] if per_sample else x4.shape[1]
+    if launch.per_k:
+        partials = n * chunks
+    else:
+        partials = k_blocks * chunks * (1 if per_sample else n)
     parts = torch.empty(3, stats, partials, dtype=acc, device=x4.device)
-    mask, m_n, m_s = _mask_strides(mask4, swap)
-    _partial_moments[(n * g, k_blocks, chunks)](
+    mask, m_n, m_s = launch.mask(mask4)
+    _partial_moments[launch.grid()](
         x4, mask, parts[0], parts[1], parts[2],
-        n, g, k, s, *_strides(x4, swap), m_n, m_s, k_blocks, chunks, s_per,
-        PER_SAMPLE=per_sample, MASKED=mask is not None, ACC=acc_tl,
-        BLOCK_K=block_k, BLOCK_S=block_s,
+        n, g, k, s, *launch.strides(x4), m_n, m_s, k_blocks, chunks, s_per,
+        MASKED=mask is not None, ACC=acc_tl, **launch.flags(),
     )
     out = torch.empty(4, stats, dtype=acc, device=x4.device)
     _merge_moments[(stats,)](
@@ -407,14 +468,13 @@ def normalize(
     bias: Tensor | None, *, per_sample: bool, act: int, slope: float,
 ) -> None:
     """Writes ``act((x4 - mean) * rstd * weight + bias)`` into ``y4``."""
-    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
+    launch = _Launch(x4, per_sample)
+    _, g, k, s = launch.view
     _, acc_tl = accumulator(x4.dtype)
-    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
-    _normalize[(n * g, k_blocks, chunks)](
-        x4, y4, mean, rstd, weight, bias, g, k, s, *_strides(x4, swap), *_strides(y4, swap), s_per,
-        float(slope), PER_SAMPLE=per_sample, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACT=act, ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s,
-        BF16=y4.dtype == torch.bfloat16,
+    _normalize[launch.grid()](
+        x4, y4, mean, rstd, weight, bias, g, k, s, *launch.strides(x4), *launch.strides(y4),
+        launch.tiles[4], float(slope), HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=act, ACC=acc_tl, BF16=y4.dtype == torch.bfloat16, **launch.flags(),
     )
 
 
@@ -426,15 +486,16 @@ def grad_sums(
     """``(sum dy', sum dy' * xhat)`` per ``(n, feature)``: ``[N, G*K]`` (``[1, C]`` for
     ``[N, C]``-like per-channel input), accumulator dtype. ``from_output``: ``x4`` is
     in-place ABN's output (act 2 leaky_relu, 5 elu, 0 none; ``slope`` its parameter)."""
-    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
+    launch = _Launch(x4, per_sample)
+    n, g, k, s = launch.view
+    chunks, s_per = launch.tiles[3:]
     acc, acc_tl = accumulator(x4.dtype)
-    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
     sums = torch.empty(2, n, g * k, chunks, dtype=acc, device=x4.device)
-    _grad_sums[(n * g, k_blocks, chunks)](
-        dy4, x4, mean, rstd, weight, bias, sums[0], sums[1], g, k, s, *_strides(x4, swap),
-        *_strides(dy4, swap), chunks, s_per, float(slope), PER_SAMPLE=per_sample,
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act, ACC=acc_tl,
-        BLOCK_K=block_k, BLOCK_S=block_s, FROM_OUTPUT=from_output,
+    _grad_sums[launch.grid()](
+        dy4, x4, mean, rstd, weight, bias, sums[0], sums[1], g, k, s, *launch.strides(x4),
+        *launch.strides(dy4), chunks, s_per, float(slope), HAS_W=weight is not None,
+        HAS_B=bias is not None, ACT=act, ACC=acc_tl, FROM_OUTPUT=from_output,
+        **launch.flags(),
     )
     total = sums.sum(3)
     return total[0], total[1]
@@ -448,16 +509,16 @@ def grad_input(
 ) -> None:
     """Writes the input gradient into ``dx4``; ``through = (A, B, count)`` per statistic
     for batch statistics, ``None`` for given ones."""
-    (n, g, k, s), swap = _geometry(x4.shape, per_sample)
+    launch = _Launch(x4, per_sample)
+    _, g, k, s = launch.view
     _, acc_tl = accumulator(x4.dtype)
-    block_k, block_s, k_blocks, chunks, s_per = tiles((n, g, k, s))
-    mask, m_n, m_s = _mask_strides(mask4, swap)
+    mask, m_n, m_s = launch.mask(mask4)
     a, b, count = through if through is not None else (mean, mean, mean)
-    _grad_input[(n * g, k_blocks, chunks)](
-        dy4, x4, dx4, mean, rstd, weight, bias, a, b, count, mask, g, k, s, *_strides(x4, swap),
-        *_strides(dy4, swap), *_strides(dx4, swap), m_n, m_s, s_per, float(slope),
-        PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=act,
-        BATCH_STATS=through is not None, CENTER=center, MASKED=mask is not None,
-        ACC=acc_tl, BLOCK_K=block_k, BLOCK_S=block_s, BF16=dx4.dtype == torch.bfloat16,
-        FROM_OUTPUT=from_output,
+    _grad_input[launch.grid()](
+        dy4, x4, dx4, mean, rstd, weight, bias, a, b, count, mask, g, k, s,
+        *launch.strides(x4), *launch.strides(dy4), *launch.strides(dx4), m_n, m_s,
+        launch.tiles[4], float(slope), HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=act, BATCH_STATS=through is not None, CENTER=center, MASKED=mask is not None,
+        ACC=acc_tl, BF16=dx4.dtype == torch.bfloat16, FROM_OUTPUT=from_output,
+        **launch.flags(),
     )
