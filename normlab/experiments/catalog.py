@@ -457,9 +457,8 @@ def _mismatch(run: dict[str, Any]) -> float:
 
 def _points_range(values: list[float]) -> str:
     text = f"{100 * mean(values):.1f}"
-    if len(values) > 1:
-        text += f" ({100 * min(values):.1f}-{100 * max(values):.1f})"
-    return text
+    low, high = f"{100 * min(values):.1f}", f"{100 * max(values):.1f}"
+    return text if low == high else f"{text} ({low}-{high})"
 
 
 def _padding_verdict(plain: Runs, masked: Runs, margin: float = 0.02) -> Verdict:

@@ -49,9 +49,8 @@ def mean(values: Sequence[float]) -> float:
 def fmt_acc_range(values: Sequence[float]) -> str:
     """Per-seed accuracies as ``mean (min-max)`` in %, or one value for one seed."""
     text = fmt_acc(mean(values))
-    if len(values) > 1:
-        text += f" ({100 * min(values):.1f}-{100 * max(values):.1f})"
-    return text
+    low, high = f"{100 * min(values):.1f}", f"{100 * max(values):.1f}"
+    return text if low == high else f"{text} ({low}-{high})"
 
 
 def fmt_steps_range(values: Sequence[int | None], limit: int) -> str:
@@ -60,6 +59,8 @@ def fmt_steps_range(values: Sequence[int | None], limit: int) -> str:
     if len(values) == 1 or any(v is None for v in values):
         return ", ".join(fmt_steps(v, limit) for v in values)
     reached = [int(v) for v in values if v is not None]
+    if min(reached) == max(reached):
+        return str(reached[0])
     return f"{mean(reached):.0f} ({min(reached)}-{max(reached)})"
 
 

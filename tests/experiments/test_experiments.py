@@ -182,6 +182,7 @@ def test_runs_repeat_over_seeds_and_are_cached_per_seed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("values", "text"), [
     ([0.9], "90.0%"),
     ([0.9, 0.95, 0.92], "92.3% (90.0-95.0)"),
+    ([0.9, 0.9, 0.9], "90.0%"),  # no range where the seeds agree
 ])
 def test_fmt_acc_range(values: list[float], text: str) -> None:
     from normlab.experiments.lab import fmt_acc_range
@@ -192,6 +193,7 @@ def test_fmt_acc_range(values: list[float], text: str) -> None:
 @pytest.mark.parametrize(("values", "text"), [
     ([50], "50"),
     ([50, 75, 100], "75 (50-100)"),
+    ([50, 50, 50], "50"),
     ([50, None, 100], "50, > 300, 100"),  # no mean of a value that was never reached
     ([None], "> 300"),
 ])
