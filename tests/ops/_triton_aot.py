@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from normlab import plan  # noqa: E402
 
-KERNELS = ("_partial_moments", "_merge_moments", "_normalize", "_grad_sums", "_grad_input")
+KERNELS = ("_partial_moments", "_merge_moments", "_normalize", "_grad_sums", "_grad_input",
+           "_rows_forward", "_rows_backward")
 POINTER = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16",
            torch.bfloat16: "*bf16", torch.uint8: "*u8", torch.bool: "*i1"}
 # (kind, input shape): the benchmark's shapes (benchmarks/gpu.py) and a few odd ones
@@ -91,6 +92,12 @@ def _calls() -> list:
             w = torch.empty(features, device="meta", dtype=torch.float32)
             masks = [None, torch.empty(p.view[0], 1, 1, p.view[3], device="meta",
                                        dtype=torch.bool)] if kind == "batch" else [None]
+            if K.fits_rows(x4, p.per_sample):  # LayerNorm/RMSNorm: one program per row
+                for act in (0, 4):
+                    stats = K.rows_forward(x4, x4, w, w, center=p.center, eps=1e-5, act=act,
+                                           slope=0.0)
+                    K.rows_backward(x4, x4, x4, w, w, stats, center=p.center, act=act,
+                                    slope=0.0)
             for mask4 in masks:
                 stats = K.moments(x4, mask4, per_sample=p.per_sample, center=p.center, eps=1e-5)
                 for act in (0, 4):  # none, and gelu: the activation with the most registers
@@ -135,16 +142,19 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     seen = set()
     for name, fn, args, constexprs in _calls():
+        constexprs = dict(constexprs)
+        options = {"num_warps": constexprs.pop("num_warps", 4)}
         signature, constants = _signature(fn, args, constexprs)
-        key = (name, json.dumps(signature, sort_keys=True),
+        key = (name, json.dumps(signature, sort_keys=True), options["num_warps"],
                json.dumps({k: str(v) for k, v in constants.items()}, sort_keys=True))
         if key in seen:
             continue
         seen.add(key)
-        row: dict[str, Any] = {"kernel": name, "constexprs": {
+        row: dict[str, Any] = {"kernel": name, **options, "constexprs": {
             k: str(v) for k, v in constexprs.items()}}
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constants), target=target)
+            compiled = triton.compile(ASTSource(fn, signature, constants), target=target,
+                                      options=options)
             row["registers"], row["local_bytes"] = _usage(compiled, tools)
         except Exception as exc:  # reported, and the test fails on it
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]

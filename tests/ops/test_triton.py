@@ -383,3 +383,25 @@ def test_inplace_abn_backward_from_the_output(activation: str, masked: bool) -> 
         results.append((z, *grads, layer.running_mean, layer.running_var))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_rows_longer_than_one_program_take_the_two_kernel_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LayerNorm rows over ``ROW_LIMIT`` values (statistics in two stages, then the
+    output) give what the one-program rows give, and torch's."""
+    kernels = provider._kernels()
+    x = _input((4, 3, 7), "contiguous", torch.float64).requires_grad_()
+    p = _params(x)
+    for name in ("lw", "lb"):
+        p[name].requires_grad_()
+    expected = _ln_ref(x, p, "gelu")
+    want = torch.autograd.grad(expected.sum(), (x, p["lw"], p["lb"]))
+    for limit in (kernels.ROW_LIMIT, 4):
+        monkeypatch.setattr(kernels, "ROW_LIMIT", limit)
+        assert kernels.fits_rows(x.reshape(12, 1, 7, 1), True) == (limit >= 7)
+        y = _ln(x, p, "gelu", "triton")
+        torch.testing.assert_close(y, expected)
+        for a, b in zip(torch.autograd.grad(y.sum(), (x, p["lw"], p["lb"])), want,
+                        strict=True):
+            torch.testing.assert_close(a, b)

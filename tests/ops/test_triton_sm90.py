@@ -29,8 +29,10 @@ def test_dispatched_configurations_compile_for_sm90_without_spills() -> None:
     errors = [row for row in rows if "error" in row]
     assert not errors, errors[:3]
     assert {row["kernel"] for row in rows} == {
-        "_partial_moments", "_merge_moments", "_normalize", "_grad_sums", "_grad_input"}
+        "_partial_moments", "_merge_moments", "_normalize", "_grad_sums", "_grad_input",
+        "_rows_forward", "_rows_backward"}
     assert len(rows) >= 50  # the table's shapes give well over this many configurations
     spilling = [row for row in rows if row["local_bytes"] > 0]
     assert not spilling, spilling[:3]
-    assert all(0 < row["registers"] <= 255 for row in rows)
+    # below the 255-register cap (a kernel at the cap is one change away from spilling)
+    assert all(0 < row["registers"] < 255 for row in rows), max(r["registers"] for r in rows)

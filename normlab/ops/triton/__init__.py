@@ -105,6 +105,12 @@ def _forward_impl(
 ) -> tuple[Tensor, Tensor]:
     kernels = _kernels()
     x4 = x.reshape(view)
+    w, b = _flat(weight), _flat(bias)
+    if mean is None and mask is None and kernels.fits_rows(x4, per_sample):
+        y, y4 = _view4(torch.empty_like(x), view)  # one kernel: statistics and output
+        stats = kernels.rows_forward(x4, y4, w, b, center=center, eps=eps, act=act,
+                                     slope=slope)
+        return y, stats
     if mean is None:
         stats = kernels.moments(x4, _mask4(mask, view), per_sample=per_sample, center=center,
                                 eps=eps)
@@ -114,8 +120,8 @@ def _forward_impl(
         stats = torch.stack([given_mean, given_var, torch.rsqrt(given_var + eps),
                              torch.zeros_like(given_mean)])
     y, y4 = _view4(torch.empty_like(x), view)
-    kernels.normalize(x4, y4, stats[0], stats[2], _flat(weight), _flat(bias),
-                      per_sample=per_sample, act=act, slope=slope)
+    kernels.normalize(x4, y4, stats[0], stats[2], w, b, per_sample=per_sample, act=act,
+                      slope=slope)
     return y, stats
 
 
@@ -127,6 +133,11 @@ def _backward_impl(
     kernels = _kernels()
     x4, dy4 = x.reshape(view), dy.reshape(view)
     w, b = _flat(weight), _flat(bias)
+    if batch_stats and mask is None and kernels.fits_rows(x4, per_sample):
+        dx, dx4 = _view4(torch.empty_like(x), view)  # one kernel: dx and the param sums
+        dw, db = kernels.rows_backward(dy4, x4, dx4, w, b, stats, center=center, act=act,
+                                       slope=slope)
+        return dx, dw, db
     mean, rstd, count = stats[0], stats[2], stats[3]
     sum_g, sum_gx = kernels.grad_sums(dy4, x4, mean, rstd, w, b, per_sample=per_sample,
                                       act=act, slope=slope)

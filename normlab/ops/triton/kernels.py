@@ -354,6 +354,84 @@ def _grad_input(
         tl.store(o_base + s * oS, _rounded(dx, BF16), mask=ok)
 
 
+@triton.jit
+def _rows_forward(
+    x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, R, D, sR, sD, yR, yD, ROWS_PER_PROG, eps, slope,
+    CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
+):
+    """LayerNorm/RMSNorm rows that fit one program: statistics (two passes over the row
+    in registers) and output in one read and one write; ``stats [4, R]`` as
+    :func:`moments` writes it."""
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    w = tl.zeros((BLOCK_D,), dtype=ACC) + 1.0
+    b = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + d, mask=ok, other=0.0).to(ACC)
+    first = tl.program_id(0) * ROWS_PER_PROG
+    for i in range(0, ROWS_PER_PROG):
+        r = first + i
+        if r < R:
+            x = tl.load(x_ptr + r.to(tl.int64) * sR + d * sD, mask=ok, other=0.0).to(ACC)
+            mean = tl.zeros((), dtype=ACC)
+            if CENTER:
+                mean = tl.sum(x) / D
+            centred = tl.where(ok, x - mean, 0.0)
+            var = tl.sum(centred * centred) / D
+            rstd = tl.math.rsqrt(var + eps)
+            y = _activate(centred * rstd * w + b, ACT, slope)
+            tl.store(y_ptr + r.to(tl.int64) * yR + d * yD, _rounded(y, BF16), mask=ok)
+            tl.store(stats_ptr + r, mean)
+            tl.store(stats_ptr + R + r, var)
+            tl.store(stats_ptr + 2 * R + r, rstd)
+            tl.store(stats_ptr + 3 * R + r, D + mean * 0)
+
+
+@triton.jit
+def _rows_backward(
+    dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, stats_ptr, dw_ptr, db_ptr, R, D, sR, sD, dR, dD,
+    oR, oD, ROWS_PER_PROG, slope,
+    CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
+):
+    """The backward of :func:`_rows_forward` in one pass per row (``x`` and ``dy`` read
+    once, ``dx`` written once); the parameter gradients summed over the program's rows
+    in registers, one partial row per program."""
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    w = tl.zeros((BLOCK_D,), dtype=ACC) + 1.0
+    b = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + d, mask=ok, other=0.0).to(ACC)
+    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    db = tl.zeros((BLOCK_D,), dtype=ACC)
+    first = tl.program_id(0) * ROWS_PER_PROG
+    for i in range(0, ROWS_PER_PROG):
+        r = first + i
+        if r < R:
+            x = tl.load(x_ptr + r.to(tl.int64) * sR + d * sD, mask=ok, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + r.to(tl.int64) * dR + d * dD, mask=ok, other=0.0).to(ACC)
+            mean = tl.load(stats_ptr + r).to(ACC)
+            rstd = tl.load(stats_ptr + 2 * R + r).to(ACC)
+            xhat = tl.where(ok, (x - mean) * rstd, 0.0)
+            grad = tl.where(ok, _activation_grad(xhat * w + b, dy, ACT, slope), 0.0)
+            scaled = grad * w
+            through_b = tl.sum(scaled * xhat) / D
+            dx = scaled - xhat * through_b
+            if CENTER:
+                dx = dx - tl.sum(scaled) / D
+            tl.store(dx_ptr + r.to(tl.int64) * oR + d * oD, _rounded(rstd * dx, BF16), mask=ok)
+            dw += grad * xhat
+            db += grad
+    tl.store(dw_ptr + tl.program_id(0).to(tl.int64) * D + d, dw, mask=ok)
+    tl.store(db_ptr + tl.program_id(0).to(tl.int64) * D + d, db, mask=ok)
+
+
 # --- launching ------------------------------------------------------------------------------
 
 
@@ -522,3 +600,64 @@ def grad_input(
         ACC=acc_tl, BF16=dx4.dtype == torch.bfloat16, FROM_OUTPUT=from_output,
         **launch.flags(),
     )
+
+
+# Rows up to this many values are normalized in one program each way (in registers).
+ROW_LIMIT = 8192
+
+
+def fits_rows(x4: Tensor, per_sample: bool) -> bool:
+    """Whether ``x4 [R, 1, D, 1]`` (LayerNorm, RMSNorm) takes the one-program-per-row
+    kernels."""
+    _, g, d, s = x4.shape
+    return per_sample and g == 1 and s == 1 and 0 < d <= ROW_LIMIT
+
+
+def _row_warps(block_d: int) -> int:
+    """Warps for a row of ``block_d`` values: about 8 values a thread, so a long row
+    stays in registers."""
+    return min(32, max(4, block_d // 256))
+
+
+def _row_programs(rows: int) -> tuple[int, int]:
+    programs = min(rows, _TARGET_PROGRAMS)
+    per = triton.cdiv(rows, programs)
+    return triton.cdiv(rows, per), per
+
+
+def rows_forward(
+    x4: Tensor, y4: Tensor, weight: Tensor | None, bias: Tensor | None, *, center: bool,
+    eps: float, act: int, slope: float,
+) -> Tensor:
+    """Writes ``y4`` and returns ``stats [4, R]`` (see :func:`fits_rows`)."""
+    rows, _, d, _ = x4.shape
+    acc, acc_tl = accumulator(x4.dtype)
+    stats = torch.empty(4, rows, dtype=acc, device=x4.device)
+    programs, per = _row_programs(rows)
+    _rows_forward[(programs,)](
+        x4, y4, weight, bias, stats, rows, d, x4.stride(0), x4.stride(2), y4.stride(0),
+        y4.stride(2), per, eps, float(slope), CENTER=center, HAS_W=weight is not None,
+        HAS_B=bias is not None, ACT=act, ACC=acc_tl, BLOCK_D=triton.next_power_of_2(d),
+        BF16=y4.dtype == torch.bfloat16, num_warps=_row_warps(triton.next_power_of_2(d)),
+    )
+    return stats
+
+
+def rows_backward(
+    dy4: Tensor, x4: Tensor, dx4: Tensor, weight: Tensor | None, bias: Tensor | None,
+    stats: Tensor, *, center: bool, act: int, slope: float,
+) -> tuple[Tensor, Tensor]:
+    """Writes ``dx4``; returns ``(dweight, dbias)`` ``[D]`` in the accumulator dtype."""
+    rows, _, d, _ = x4.shape
+    acc, acc_tl = accumulator(x4.dtype)
+    programs, per = _row_programs(rows)
+    partial = torch.empty(2, programs, d, dtype=acc, device=x4.device)
+    _rows_backward[(programs,)](
+        dy4, x4, dx4, weight, bias, stats, partial[0], partial[1], rows, d, x4.stride(0),
+        x4.stride(2), dy4.stride(0), dy4.stride(2), dx4.stride(0), dx4.stride(2), per,
+        float(slope), CENTER=center, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=act, ACC=acc_tl, BLOCK_D=triton.next_power_of_2(d),
+        BF16=dx4.dtype == torch.bfloat16, num_warps=_row_warps(triton.next_power_of_2(d)),
+    )
+    total = partial.sum(1)
+    return total[0], total[1]
