@@ -97,6 +97,23 @@ def _median_range(run: dict[str, Any]) -> float:
     return max(p50) - min(p50)
 
 
+def _fewer_steps(slow: Runs, fast: Runs, limit: int, margin: int, what: str) -> Verdict:
+    return effect_verdict(
+        [s - f for s, f in zip(_steps_to(slow, limit), _steps_to(fast, limit), strict=True)],
+        margin, what=what, unit="steps", scale=1.0, digits=0)
+
+
+def bn_paper_verdict(plain: Runs, bn: Runs, limit: int, eval_every: int) -> Verdict:
+    """bn-paper's rule (see :func:`bn_paper`) on the per-seed runs without and with BN."""
+    faster = _fewer_steps(plain, bn, limit, 2 * eval_every,
+                          f"steps to {TARGET:.0%} without BN minus with BN")
+    stable = effect_verdict(
+        [_median_range(p) - _median_range(b) for p, b in zip(plain, bn, strict=True)], 0.25,
+        what="the median sigmoid input's range without BN minus with BN", unit="", scale=1.0,
+        digits=2)
+    return all_of([faster, stable])
+
+
 def bn_paper(ctx: Context) -> ExperimentResult:
     """3 x 100 sigmoid MLP with and without BN: accuracy and a sigmoid input's percentiles.
 
@@ -133,16 +150,7 @@ def bn_paper(ctx: Context) -> ExperimentResult:
         row.append(f"{mean(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})"
                                             if len(values) > 1 else ""))
     plain, bn = results["without BN"], results["with BN"]
-    faster = effect_verdict(
-        [p - b for p, b in zip(_steps_to(plain, spec.steps), _steps_to(bn, spec.steps),
-                               strict=True)],
-        2 * spec.eval_every, what=f"steps to {TARGET:.0%} without BN minus with BN",
-        unit="steps", scale=1.0, digits=0)
-    stable = effect_verdict(
-        [p - b for p, b in zip(drift["without BN"], drift["with BN"], strict=True)], 0.25,
-        what="the median sigmoid input's range without BN minus with BN", unit="", scale=1.0,
-        digits=2)
-    verdict = all_of([faster, stable])
+    verdict = bn_paper_verdict(plain, bn, spec.steps, spec.eval_every)
     headline = (
         f"steps to {TARGET:.0%}: with BN {_reached(bn, spec.steps)}, "
         f"without {_reached(plain, spec.steps)}; "
@@ -234,6 +242,18 @@ def _advantage(bn: Runs, plain: Runs) -> list[float]:
     return [b - p for b, p in zip(_finals(bn), _finals(plain), strict=True)]
 
 
+def learning_rate_verdict(lrs: list[float], bn: list[Runs], plain: list[Runs],
+                          margin: float) -> Verdict:
+    """learning-rate's rule (see :func:`learning_rate`); ``bn``/``plain`` hold one list
+    of per-seed runs per learning rate."""
+    good = _trains(bn)
+    at = good[-1] if good else max(range(len(lrs)), key=lambda i: mean(_finals(bn[i])))
+    where = (f"the largest lr where BN reaches {WORKS:.0%} on every seed" if good else
+             f"BN reaches {WORKS:.0%} at no lr on every seed: its best lr")
+    return effect_verdict(_advantage(bn[at], plain[at]), margin,
+                          what=f"BN's accuracy minus the plain net's at lr {lrs[at]:g} ({where})")
+
+
 def learning_rate(ctx: Context) -> ExperimentResult:
     """Final accuracy over a learning-rate sweep, with and without BN (plain SGD).
 
@@ -246,12 +266,7 @@ def learning_rate(ctx: Context) -> ExperimentResult:
                                                                 batch_size=32)))
     table, png = _sweep_outputs(ctx, "learning_rate", lrs, runs, xlabel="learning rate",
                                 title="Final test accuracy vs learning rate (SGD)")
-    good = _trains(runs["batch"])
-    at = good[-1] if good else max(range(len(lrs)), key=lambda i: mean(_finals(runs["batch"][i])))
-    verdict = effect_verdict(
-        _advantage(runs["batch"][at], runs["none"][at]), _margin(ctx),
-        what=f"BN's accuracy minus the plain net's at lr {lrs[at]:g} (the largest lr where "
-             f"BN reaches {WORKS:.0%} on every seed)")
+    verdict = learning_rate_verdict(lrs, runs["batch"], runs["none"], _margin(ctx))
     headline = (
         f"test accuracy >= {WORKS:.0%} on every seed at learning rates "
         f"{_working_range(lrs, runs['batch'])} with BN, {_working_range(lrs, runs['none'])} "
@@ -261,6 +276,20 @@ def learning_rate(ctx: Context) -> ExperimentResult:
                       [f"{runs['none'][0][0]['steps'][-1]} steps of plain SGD, batch 32, "
                        f"{_seeds_said(ctx)}."], [table], [png])
     return ExperimentResult([section], table, headline, verdict)
+
+
+def init_verdict(scales: list[float], bn: list[Runs], plain: list[Runs],
+                 margin: float) -> Verdict:
+    """init's rule (see :func:`init_scale`); one list of per-seed runs per scale."""
+    good = _trains(bn)
+    low, high = (good[0], good[-1]) if good else (0, len(scales) - 1)
+    where = (f"the extremes where BN reaches {WORKS:.0%} on every seed" if good else
+             f"BN reaches {WORKS:.0%} at no scale on every seed: the sweep's ends")
+    ends = [_advantage(bn[i], plain[i]) for i in (low, high)]
+    return effect_verdict(
+        [min(a, b) for a, b in zip(*ends, strict=True)], margin,
+        what=f"BN's accuracy minus the plain net's, the smaller of the two at init scales "
+             f"{scales[low]:g} and {scales[high]:g} ({where})")
 
 
 def init_scale(ctx: Context) -> ExperimentResult:
@@ -280,14 +309,7 @@ def init_scale(ctx: Context) -> ExperimentResult:
     table, png = _sweep_outputs(ctx, "init", scales, runs,
                                 xlabel="init scale (x He std)",
                                 title="Final test accuracy vs initial weight scale")
-    good = _trains(runs["batch"])
-    low, high = (good[0], good[-1]) if good else (0, len(scales) - 1)
-    ends = [_advantage(runs["batch"][i], runs["none"][i]) for i in (low, high)]
-    verdict = effect_verdict(
-        [min(a, b) for a, b in zip(*ends, strict=True)], _margin(ctx),
-        what=f"BN's accuracy minus the plain net's, the smaller of the two at init scales "
-             f"{scales[low]:g} and {scales[high]:g} (the extremes where BN reaches "
-             f"{WORKS:.0%} on every seed)")
+    verdict = init_verdict(scales, runs["batch"], runs["none"], _margin(ctx))
     headline = (
         f"test accuracy >= {WORKS:.0%} on every seed for init scales "
         f"{_working_range(scales, runs['batch'])} with BN, "
@@ -298,6 +320,12 @@ def init_scale(ctx: Context) -> ExperimentResult:
                        f"SGD with momentum 0.9, lr 0.05, batch 32, {_seeds_said(ctx)}."],
                       [table], [png])
     return ExperimentResult([section], table, headline, verdict)
+
+
+def batch_size_verdict(size: int, bn: Runs, gn: Runs, margin: float) -> Verdict:
+    """batch-size's rule (see :func:`batch_size`) on the per-seed runs at batch ``size``."""
+    return effect_verdict(_advantage(gn, bn), margin,  # GN's accuracy - BN's = BN's error - GN's
+                          what=f"BN's test error minus GroupNorm's at batch {size}")
 
 
 def batch_size(ctx: Context) -> ExperimentResult:
@@ -322,9 +350,8 @@ def batch_size(ctx: Context) -> ExperimentResult:
     table, png = _sweep_outputs(ctx, "batch_size", sizes, runs, xlabel="batch size",
                                 title="Test error vs batch size (small CNN)", error=True)
     small, large = 0, len(sizes) - 1
-    verdict = effect_verdict(
-        _advantage(runs["group"][small], runs["batch"][small]), _margin(ctx),
-        what=f"BN's test error minus GroupNorm's at batch {sizes[small]}")
+    verdict = batch_size_verdict(sizes[small], runs["batch"][small], runs["group"][small],
+                                 _margin(ctx))
 
     def err(norm: str, i: int) -> str:
         return fmt_acc(1 - mean(_finals(runs[norm][i])))
@@ -339,6 +366,23 @@ def batch_size(ctx: Context) -> ExperimentResult:
         [table], [png],
     )
     return ExperimentResult([section], table, headline, verdict)
+
+
+def placement_verdict(results: dict[str, Runs], limit: int, eval_every: int,
+                      margin: float) -> Verdict:
+    """placement's rule (see :func:`placement`) on its five variants' per-seed runs."""
+    before = results["BN before act"]
+    faster = _fewer_steps(results["no norm"], before, limit, 2 * eval_every,
+                          f"steps to {TARGET:.0%} with no norm minus BN before act")
+    order = effect_verdict(_advantage(before, results["BN after act"]), margin,
+                           what="final accuracy of BN before act minus BN after act")
+    edges = [max(i, o) for i, o in zip(_finals(results["BN before act + input BN"]),
+                                       _finals(results["BN before act + output BN"]),
+                                       strict=True)]
+    hurts = effect_verdict([b - e for b, e in zip(_finals(before), edges, strict=True)],
+                           margin, what="final accuracy of BN before act minus the "
+                           "better of + input BN and + output BN")
+    return all_of([faster, order, hurts])
 
 
 def placement(ctx: Context) -> ExperimentResult:
@@ -367,21 +411,7 @@ def placement(ctx: Context) -> ExperimentResult:
         title="Where BatchNorm goes: test accuracy", xlabel="training step",
         ylabel="test accuracy", ylim=(0.0, 1.0), zoom=_zoom(ctx))
     table = _steps_table(results, spec.steps, TARGET)
-    before = results["BN before act"]
-    faster = effect_verdict(
-        [n - b for n, b in zip(_steps_to(results["no norm"], spec.steps),
-                               _steps_to(before, spec.steps), strict=True)],
-        2 * spec.eval_every, what=f"steps to {TARGET:.0%} with no norm minus BN before act",
-        unit="steps", scale=1.0, digits=0)
-    order = effect_verdict(_advantage(before, results["BN after act"]), _margin(ctx),
-                           what="final accuracy of BN before act minus BN after act")
-    edges = [max(i, o) for i, o in zip(_finals(results["BN before act + input BN"]),
-                                       _finals(results["BN before act + output BN"]),
-                                       strict=True)]
-    hurts = effect_verdict([b - e for b, e in zip(_finals(before), edges, strict=True)],
-                           _margin(ctx), what="final accuracy of BN before act minus the "
-                           "better of + input BN and + output BN")
-    verdict = all_of([faster, order, hurts])
+    verdict = placement_verdict(results, spec.steps, spec.eval_every, _margin(ctx))
     headline = f"steps to {TARGET:.0%} (mean final test accuracy): " + ", ".join(
         f"{label} {_reached(runs, spec.steps)} "
         f"({fmt_acc(mean(_finals(runs)))})" for label, runs in results.items()) + "."
