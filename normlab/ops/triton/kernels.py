@@ -112,6 +112,49 @@ def _tile_offsets(row, kb, G, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_setup(
+    mean_ptr, rstd_ptr, w_ptr, b_ptr, G, K, PER_SAMPLE: tl.constexpr,
+    STAT_PER_K: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """This program's ``(n, g, k, stat, mean, rstd, w, b)``: its tile's indices, the
+    statistic it normalizes with, and the affine parameters of its features (1 and 0
+    without them), each ``[BLOCK_K, 1]``."""
+    row = tl.program_id(0)
+    n, g, k = _tile_offsets(row, tl.program_id(1), G, K, BLOCK_K)
+    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
+    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
+    feature = g * K + k
+    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
+    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
+    return n, g, k, stat, mean, rstd, w, b
+
+
+@triton.jit
+def _base(ptr, n, g, k, sN, sG, sK):
+    """A tensor's address of ``(n, g, k, s=0)``."""
+    return ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
+
+
+@triton.jit
+def _normalized_and_grad(x, dy, mean, rstd, w, b, ACT: tl.constexpr, slope,
+                         FROM_OUTPUT: tl.constexpr):
+    """``(xhat, dy * act'(z))`` from the input and its statistics, or (``FROM_OUTPUT``)
+    from in-place ABN's output (:func:`_recover`)."""
+    if FROM_OUTPUT:
+        xhat, grad = _recover(x, dy, w, b, ACT, slope)
+    else:
+        xhat = (x - mean) * rstd
+        grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+    return xhat, grad
+
+
+@triton.jit
 def _partial_moments(
     x_ptr, mask_ptr, cnt_ptr, mean_ptr, m2_ptr,
     N, G, K, S, sN, sG, sK, sS, mN, mS, KB, SC, S_PER_PROG,
@@ -124,7 +167,7 @@ def _partial_moments(
     kb = tl.program_id(1)
     sc = tl.program_id(2)
     n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
+    base = _base(x_ptr, n, g, k, sN, sG, sK)
     s_begin = sc * S_PER_PROG
     s_end = tl.minimum(s_begin + S_PER_PROG, S)
     count = tl.zeros((BLOCK_K,), dtype=ACC)
@@ -215,25 +258,14 @@ def _normalize(
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     BF16: tl.constexpr,
 ):
-    """``y = act((x - mean) * rstd * w + b)``."""
-    row = tl.program_id(0)
-    kb = tl.program_id(1)
+    """``y = act((x - mean) * rstd * w + b)`` (``xhat`` first, then the affine: torch's
+    order of roundings, so half-precision outputs match torch's to the last bit)."""
+    n, g, k, _, mean, rstd, w, b = _tile_setup(
+        mean_ptr, rstd_ptr, w_ptr, b_ptr, G, K, PER_SAMPLE, STAT_PER_K, HAS_W, HAS_B, ACC,
+        BLOCK_K)
     sc = tl.program_id(2)
-    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
-    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
-    # xhat first, then the affine: torch's order of roundings (half-precision outputs
-    # then match torch's to the last bit)
-    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
-    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
-    feature = g * K + k
-    if HAS_W:
-        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
-    if HAS_B:
-        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
-    x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
-    y_base = y_ptr + n.to(tl.int64) * yN + g.to(tl.int64) * yG + k.to(tl.int64) * yK
+    x_base = _base(x_ptr, n, g, k, sN, sG, sK)
+    y_base = _base(y_ptr, n, g, k, yN, yG, yK)
     s_begin = sc * S_PER_PROG
     s_end = tl.minimum(s_begin + S_PER_PROG, S)
     for start in range(0, S_PER_PROG, BLOCK_S):
@@ -255,22 +287,13 @@ def _grad_sums(
 ):
     """Per ``(n, feature, chunk)``: ``sum dy'`` and ``sum dy' * xhat`` over its ``S``
     (``FROM_OUTPUT``: ``x_ptr`` holds in-place ABN's output, see :func:`_recover`)."""
-    row = tl.program_id(0)
+    n, g, k, _, mean, rstd, w, b = _tile_setup(
+        mean_ptr, rstd_ptr, w_ptr, b_ptr, G, K, PER_SAMPLE, STAT_PER_K, HAS_W, HAS_B, ACC,
+        BLOCK_K)
     kb = tl.program_id(1)
     sc = tl.program_id(2)
-    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
-    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
-    feature = g * K + k
-    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
-    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
-    if HAS_W:
-        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
-    if HAS_B:
-        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
-    x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
-    d_base = dy_ptr + n.to(tl.int64) * dN + g.to(tl.int64) * dG + k.to(tl.int64) * dK
+    x_base = _base(x_ptr, n, g, k, sN, sG, sK)
+    d_base = _base(dy_ptr, n, g, k, dN, dG, dK)
     sum_g = tl.zeros((BLOCK_K,), dtype=ACC)
     sum_gx = tl.zeros((BLOCK_K,), dtype=ACC)
     s_begin = sc * S_PER_PROG
@@ -280,11 +303,7 @@ def _grad_sums(
         ok = (k < K) & (s < s_end)
         x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
         dy = tl.load(d_base + s * dS, mask=ok, other=0.0).to(ACC)
-        if FROM_OUTPUT:
-            xhat, grad = _recover(x, dy, w, b, ACT, slope)
-        else:
-            xhat = (x - mean) * rstd
-            grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+        xhat, grad = _normalized_and_grad(x, dy, mean, rstd, w, b, ACT, slope, FROM_OUTPUT)
         sum_g += tl.sum(tl.where(ok, grad, 0.0), axis=1)
         sum_gx += tl.sum(tl.where(ok, grad * xhat, 0.0), axis=1)
     kk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -306,20 +325,10 @@ def _grad_input(
     """``dx = rstd * (dy' * w - valid * (A + xhat * B) / count)`` with the statistic's
     ``A = sum dy' * w`` and ``B = sum dy' * w * xhat`` (``rstd * dy' * w`` with given
     statistics)."""
-    row = tl.program_id(0)
-    kb = tl.program_id(1)
+    n, g, k, stat, mean, rstd, w, b = _tile_setup(
+        mean_ptr, rstd_ptr, w_ptr, b_ptr, G, K, PER_SAMPLE, STAT_PER_K, HAS_W, HAS_B, ACC,
+        BLOCK_K)
     sc = tl.program_id(2)
-    n, g, k = _tile_offsets(row, kb, G, K, BLOCK_K)
-    stat = _stat_index(row, g, k, K, PER_SAMPLE, STAT_PER_K)
-    mean = tl.load(mean_ptr + stat, mask=k < K, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + stat, mask=k < K, other=0.0).to(ACC)
-    feature = g * K + k
-    w = tl.zeros((BLOCK_K, 1), dtype=ACC) + 1.0
-    b = tl.zeros((BLOCK_K, 1), dtype=ACC)
-    if HAS_W:
-        w = tl.load(w_ptr + feature, mask=k < K, other=0.0).to(ACC)
-    if HAS_B:
-        b = tl.load(b_ptr + feature, mask=k < K, other=0.0).to(ACC)
     through_a = tl.zeros((), dtype=ACC)
     through_b = tl.zeros((), dtype=ACC)
     if BATCH_STATS:  # (with given statistics no term: an infinite x must not reach dx)
@@ -327,9 +336,9 @@ def _grad_input(
         through_b = tl.load(c_ptr + stat, mask=k < K, other=0.0).to(ACC) * per
         if CENTER:
             through_a = tl.load(a_ptr + stat, mask=k < K, other=0.0).to(ACC) * per
-    x_base = x_ptr + n.to(tl.int64) * sN + g.to(tl.int64) * sG + k.to(tl.int64) * sK
-    d_base = dy_ptr + n.to(tl.int64) * dN + g.to(tl.int64) * dG + k.to(tl.int64) * dK
-    o_base = dx_ptr + n.to(tl.int64) * oN + g.to(tl.int64) * oG + k.to(tl.int64) * oK
+    x_base = _base(x_ptr, n, g, k, sN, sG, sK)
+    d_base = _base(dy_ptr, n, g, k, dN, dG, dK)
+    o_base = _base(dx_ptr, n, g, k, oN, oG, oK)
     s_begin = sc * S_PER_PROG
     s_end = tl.minimum(s_begin + S_PER_PROG, S)
     for start in range(0, S_PER_PROG, BLOCK_S):
@@ -337,11 +346,7 @@ def _grad_input(
         ok = (k < K) & (s < s_end)
         x = tl.load(x_base + s * sS, mask=ok, other=0.0).to(ACC)
         dy = tl.load(d_base + s * dS, mask=ok, other=0.0).to(ACC)
-        if FROM_OUTPUT:
-            xhat, grad = _recover(x, dy, w, b, ACT, slope)
-        else:
-            xhat = (x - mean) * rstd
-            grad = _activation_grad(xhat * w + b, dy, ACT, slope)
+        xhat, grad = _normalized_and_grad(x, dy, mean, rstd, w, b, ACT, slope, FROM_OUTPUT)
         dx = grad * w
         if BATCH_STATS:
             correction = through_a + xhat * through_b
