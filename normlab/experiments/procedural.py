@@ -176,3 +176,9 @@ def save_samples(path: str | Path, per_class: int = 8, seed: int = 0) -> Path:
     fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":  # python -m normlab.experiments.procedural [PNG]: the docs' grid
+    import sys
+
+    print(save_samples(sys.argv[1] if len(sys.argv) > 1 else "docs/lab/shapes_samples.png"))
