@@ -46,12 +46,27 @@ _INSTALLED: bool | None = None
 _KERNELS: ModuleType | None = None
 
 
+MIN_VERSION = (3, 2)  # the kernels' language features; the GPU machines run 3.6
+
+
 def installed() -> bool:
-    """Whether the ``triton`` package is importable (not imported here)."""
+    """Whether a ``triton`` of at least :data:`MIN_VERSION` is installed (not imported
+    here: its metadata is read)."""
     global _INSTALLED
     if _INSTALLED is None:
-        _INSTALLED = importlib.util.find_spec("triton") is not None
+        _INSTALLED = importlib.util.find_spec("triton") is not None and _version_ok()
     return _INSTALLED
+
+
+def _version_ok() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parts = version("triton").split(".")[:2]
+        return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts) >= (
+            MIN_VERSION)
+    except (PackageNotFoundError, ValueError):
+        return False
 
 
 def _kernels() -> ModuleType:
