@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from normlab.experiments import figures
 from normlab.experiments.data import Dataset, load_digits
 from normlab.experiments.lab import Context, fmt_acc, fmt_steps
 from normlab.experiments.models import NORMS, build
 from normlab.experiments.report import Section, Table, write_report
-from normlab.experiments.runs import ResultStore, accuracy
+from normlab.experiments.runs import ResultStore, kernels_will_compile
+from normlab.experiments.runs import warm_up as warm_up_model
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -41,20 +40,6 @@ class DemoResult:
     warmup_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def kernels_will_compile() -> bool:
-    """True when the norm layers will run normlab's numba kernels and this version of the
-    kernels has no disk cache yet, so the first calls compile them (seconds each)."""
-    from normlab import ops
-
-    if ops.requested() not in ("auto", "cpu") or "cpu" not in ops.available():
-        return False
-    from normlab.ops.cpu import runtime
-
-    # The folder announce_compile() looks in: one per version of the kernel sources.
-    where = Path(runtime.cache_dir(), getattr(runtime, "_KERNELS_DIGEST", ""))
-    return not any(where.rglob("*.nbi"))
-
-
 COMPILE_NOTICE = ("demo: first run on this machine: compiling normlab's CPU kernels before "
                   "training (about 5-15 s per norm, once; cached afterwards)")
 
@@ -64,21 +49,10 @@ def _model(norm: str) -> dict[str, Any]:
 
 
 def warm_up(norm: str, data: Dataset, batch_size: int) -> float:
-    """Run a throwaway copy of the demo model once in training mode (forward, backward)
-    and once in eval mode over the test set, so that kernel compilation and first-call
-    set-up happen here and not inside the timed training; returns the seconds taken."""
-    start = time.perf_counter()
-    state = torch.random.get_rng_state()  # the runs seed themselves; leave no trace anyway
-    try:
-        model = build(_model(norm), data.image_shape, data.num_classes)
-        x_train, x_test = data.flat()
-        model.train()
-        logits = model(x_train[:batch_size])
-        torch.nn.functional.cross_entropy(logits, data.y_train[:batch_size]).backward()
-        accuracy(model, x_test, data.y_test)
-    finally:
-        torch.random.set_rng_state(state)
-    return time.perf_counter() - start
+    """Warm the demo model of ``norm`` up (``runs.warm_up``): a first run's kernel
+    compilation happens here, outside the timed training; returns the seconds taken."""
+    return warm_up_model(lambda: build(_model(norm), data.image_shape, data.num_classes),
+                         data, flat=True, batch_size=batch_size)
 
 
 def _warm_up_all(norms: Sequence[str], data: Dataset, batch_size: int,

@@ -8,6 +8,8 @@ report sections; :func:`run_experiment` writes them to ``report.html``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 import sys
@@ -20,7 +22,13 @@ from typing import Any
 from normlab.experiments.data import Dataset, load_dataset
 from normlab.experiments.models import build
 from normlab.experiments.report import Section, Table, write_report
-from normlab.experiments.runs import ResultStore, TrainSpec, fit
+from normlab.experiments.runs import (
+    ResultStore,
+    TrainSpec,
+    fit,
+    kernels_will_compile,
+    warm_up,
+)
 from normlab.experiments.verdict import Verdict
 
 __all__ = ["Context", "ExperimentResult", "command_line", "fmt_acc", "fmt_acc_range",
@@ -29,6 +37,8 @@ __all__ = ["Context", "ExperimentResult", "command_line", "fmt_acc", "fmt_acc_ra
 # Quick mode (for tests and smoke runs): this many steps per run and at most this much data.
 QUICK_STEPS = 24
 QUICK_TRAIN, QUICK_TEST = 512, 256
+COMPILE_NOTICE = ("first run on this machine: compiling normlab's CPU kernels before "
+                  "training (about 5-15 s per norm, once; cached afterwards)")
 
 
 def fmt_acc(value: float | None) -> str:
@@ -77,6 +87,7 @@ class Context:
     progress: bool = True
     echo: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr))
     resume: bool = True
+    warmed: set[str] = field(default_factory=set)  # models already run once untimed
 
     def spec(self, steps: int, eval_every: int = 25, **options: Any) -> TrainSpec:
         """A :class:`TrainSpec` with ``steps`` scaled by the budget (or cut in quick mode)."""
@@ -115,6 +126,7 @@ class Context:
         if cached is not None:
             self.echo(f"  {key}: reused from {self.store.path.name}")
             return cached
+        self._warm_up(model, spec)
         from tqdm.auto import tqdm
 
         with tqdm(total=spec.steps, desc=key, leave=False, disable=not self.progress,
@@ -134,6 +146,28 @@ class Context:
             f"in {result['seconds']:.1f} s"
         )
         return result
+
+    def _warm_up(self, model: dict[str, Any], spec: TrainSpec) -> None:
+        """Before a model's first timed run: one throwaway step and evaluation, so a
+        first run's kernel compilation is not counted as training time (and the progress
+        bar shows no absurd ETA); says once, plainly, when kernels will compile."""
+        key = json.dumps(model, sort_keys=True)
+        if key in self.warmed:
+            return
+        compiling = not self.warmed and kernels_will_compile()
+        if compiling:
+            self.echo(COMPILE_NOTICE)
+        held = io.StringIO()  # the runtime's own notice would land mid-way: hold it back
+        with contextlib.redirect_stderr(held) if compiling else contextlib.nullcontext():
+            seconds = warm_up(lambda: build(model, self.data.image_shape, self.data.num_classes),
+                              self.data, flat=model["kind"] == "mlp",
+                              batch_size=min(spec.batch_size, len(self.data.y_train)))
+        for line in held.getvalue().splitlines():
+            if line.strip() and not line.startswith("normlab: compiling"):
+                self.echo(line)
+        if compiling:
+            self.echo(f"  kernels ready in {seconds:.1f} s (not counted in the run times)")
+        self.warmed.add(key)
 
     def path(self, name: str) -> Path:
         """Where to write an output file of this experiment."""

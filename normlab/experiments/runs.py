@@ -81,6 +81,40 @@ def _probe_percentiles(
     return [float(v) for v in torch.quantile(values, torch.tensor(qs, dtype=torch.float64))]
 
 
+def kernels_will_compile() -> bool:
+    """True when the norm layers will run normlab's numba kernels and this version of the
+    kernels has no disk cache yet, so the first calls compile them (seconds each)."""
+    from normlab import ops
+
+    if ops.requested() not in ("auto", "cpu") or "cpu" not in ops.available():
+        return False
+    from normlab.ops.cpu import runtime
+
+    # The folder announce_compile() looks in: one per version of the kernel sources.
+    where = Path(runtime.cache_dir(), getattr(runtime, "_KERNELS_DIGEST", ""))
+    return not any(where.rglob("*.nbi"))
+
+
+def warm_up(build: Callable[[], nn.Module], data: Dataset, *, flat: bool,
+            batch_size: int) -> float:
+    """Run a throwaway model once in training mode (forward, backward on one batch) and
+    once in eval mode over the test set, so kernel compilation and first-call set-up
+    happen here, not inside a timed run; returns the seconds taken. Leaves torch's random
+    state as it was."""
+    start = time.perf_counter()
+    state = torch.random.get_rng_state()
+    try:
+        model = build()
+        x_train, x_test = data.flat() if flat else (data.x_train, data.x_test)
+        model.train()
+        logits = model(x_train[:batch_size])
+        nn.functional.cross_entropy(logits, data.y_train[:batch_size]).backward()
+        accuracy(model, x_test, data.y_test)
+    finally:
+        torch.random.set_rng_state(state)
+    return time.perf_counter() - start
+
+
 def fit(
     build: Callable[[], nn.Module],
     data: Dataset,

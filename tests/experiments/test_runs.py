@@ -105,3 +105,35 @@ def test_result_store_resumes_only_identical_runs(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ResultStore(path, "exp")
+
+
+def test_an_experiment_run_is_timed_after_its_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run's slow first call (kernel compilation, simulated) happens in the
+    untimed warm-up, once per model, with one plain notice before training; the run's
+    seconds leave it out."""
+    import time
+
+    from normlab.experiments import lab
+
+    calls = {"n": 0}
+    forward = normlab.BatchNorm1d.forward
+
+    def slow_first(module: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(1.0)
+        return forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(normlab.BatchNorm1d, "forward", slow_first)
+    monkeypatch.setattr(lab, "kernels_will_compile", lambda: True)
+    said: list[str] = []
+    ctx = lab.Context(DIGITS, tmp_path, ResultStore(tmp_path / "results.json", "t"),
+                      quick=True, progress=False, echo=said.append)
+    model = {"kind": "mlp", "hidden": [16], "norm": "batch"}
+    first = ctx.run("a", model, ctx.spec(10, batch_size=16))
+    second = ctx.run("b", model, ctx.spec(10, batch_size=16, lr=0.05))
+    assert calls["n"] > 2 and first["seconds"] < 1.0 and second["seconds"] < 1.0
+    assert said[0] == lab.COMPILE_NOTICE and "not counted" in said[1]
+    assert sum("compil" in line for line in said) == 1 and len(ctx.warmed) == 1
