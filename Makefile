@@ -24,9 +24,13 @@ demo: $(STAMP)
 	$(VENV)/bin/normlab demo
 
 # The README's demo table and docs/lab/demo_accuracy.png, regenerated from `normlab demo`
-# (seed 0): the numbers there cannot drift from what the code gives.
+# (seed 0): the numbers there cannot drift from what the code gives. With LAB=DIR, also
+# the experiments' blocks in docs/lab.md and docs/lab-more.md and their PNGs, rebuilt from
+# the stored runs in DIR/<name>/results.json (nothing retrains; a missing run is refused).
+LAB ?=
 docs: $(STAMP)
 	$(PY) -m normlab.experiments.docs
+	$(if $(LAB),$(PY) -m normlab.experiments.docs --lab $(LAB))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check normlab tests benchmarks examples
