@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -258,8 +259,11 @@ def run_experiment(
     store = ResultStore(out / "results.json", name)
     command = command_line(name, seed=seed, budget=budget, quick=quick, out=out_dir,
                            data_dir=data_dir)
+    # the day of the run, so documents generated from these results keep it (not the
+    # file's modification time, which a copy changes)
+    day = datetime.now(timezone.utc).date().isoformat()
     store.meta = {"title": info.title, "data": data.describe(), "quick": quick,
-                  "budget": budget, "seed": seed, "command": command}
+                  "budget": budget, "seed": seed, "command": command, "date": day}
     ctx = Context(data, out, store, quick=quick, budget=budget, seed=seed, progress=progress,
                   resume=resume, **({"echo": echo} if echo is not None else {}))
     ctx.echo(f"{name}: {info.title} on {data.describe()}")
