@@ -187,11 +187,14 @@ class ExperimentResult:
 
 
 def command_line(name: str, *, seed: int, budget: float, quick: bool,
-                 out: str | Path | None = None, data_dir: str | Path | None = None) -> str:
+                 out: str | Path | None = None, data_dir: str | Path | None = None,
+                 backend: str = "auto") -> str:
     """The ``normlab experiment`` command that reproduces a run with these settings."""
     words = ["normlab", "experiment", name, "--seed", str(seed), "--budget", f"{budget:g}"]
     if quick:
         words.append("--quick")
+    if backend != "auto":
+        words += ["--backend", backend]
     if data_dir is not None:
         words += ["--data", str(data_dir)]
     if out is not None:
@@ -257,8 +260,10 @@ def run_experiment(
     if quick:
         data = data.subset(QUICK_TRAIN, QUICK_TEST, seed=seed)
     store = ResultStore(out / "results.json", name)
+    from normlab import ops
+
     command = command_line(name, seed=seed, budget=budget, quick=quick, out=out_dir,
-                           data_dir=data_dir)
+                           data_dir=data_dir, backend=ops.requested())
     # the day of the run, so documents generated from these results keep it (not the
     # file's modification time, which a copy changes)
     day = datetime.now(timezone.utc).date().isoformat()

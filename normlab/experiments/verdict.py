@@ -54,6 +54,9 @@ def resolution(test_size: int) -> float:
     return 1.0 / max(1, test_size)
 
 
+_ROUNDING = 1e-9
+
+
 def accuracy_margin(test_size: int, floor: float = 0.01) -> float:
     """The margin an accuracy effect must beat: two test examples, and at least ``floor``
     (one point), since seeds alone move a small test set's accuracy by about that much."""
@@ -104,7 +107,9 @@ def effect_verdict(
     if seeds < min_seeds:  # one seed cannot tell an effect from seed-to-seed noise
         return Verdict("inconclusive", rule,
                        f"{said}; fewer than {min_seeds} seeds cannot show the spread")
-    if all(e > margin for e in effects):
+    # "more than the margin": an effect equal to it (up to float rounding, e.g. 0.311 -
+    # 0.301 against 0.01) does not pass
+    if all(e - margin > _ROUNDING for e in effects):
         return Verdict("reproduced", rule, said)
     if all(e <= 0 for e in effects):
         return Verdict("not reproduced", rule, said)

@@ -102,3 +102,22 @@ def test_invalid_input_is_refused(bad) -> None:  # noqa: ANN001
 
 def test_spread() -> None:
     assert spread([0.9, 0.95, 0.92]) == pytest.approx(0.05) and spread([0.9]) == 0.0
+
+
+def test_an_effect_equal_to_the_margin_does_not_pass_by_rounding() -> None:
+    """0.311 - 0.301 is 0.01000000000000001 in floating point: 20 of 2,000 images, the
+    margin itself, is not *more* than the margin."""
+    from normlab.experiments.verdict import effect_verdict
+
+    effect = 0.311 - 0.301
+    assert effect > 0.01  # the rounding the rule must not be fooled by
+    assert effect_verdict([effect, 0.05, 0.05], 0.01, what="x").outcome == "inconclusive"
+    assert effect_verdict([0.0101, 0.05, 0.05], 0.01, what="x").outcome == "reproduced"
+
+
+def test_the_recorded_command_names_a_backend_other_than_auto() -> None:
+    from normlab.experiments.lab import command_line
+
+    assert "--backend torch" in command_line("init", seed=0, budget=1, quick=False,
+                                             backend="torch")
+    assert "--backend" not in command_line("init", seed=0, budget=1, quick=False)
