@@ -113,7 +113,6 @@ def train(data: Dataset, norm: str, init: str, steps: int, eval_every: int,
     px, py = x_train[probe], data.y_train[probe]
     out: dict[str, list[Any]] = {"steps": [], "test_acc": [], "grad_norms": [], "saturated": []}
     start = time.perf_counter()
-    diverged = False
 
     def evaluate(step: int) -> bool:
         """Record one evaluation; False (nothing recorded) if a norm is not finite."""
@@ -127,18 +126,8 @@ def train(data: Dataset, norm: str, init: str, steps: int, eval_every: int,
         return True
 
     evaluate(0)
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(data.y_train), (BATCH,), generator=g)
-        loss = nn.functional.cross_entropy(model(x_train[idx]), data.y_train[idx])
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step % eval_every == 0 or step == steps) and not evaluate(step):
-            diverged = True
-            break
+    diverged = seeded.train_sgd(model, opt, x_train, data.y_train, steps=steps, batch=BATCH,
+                         generator=g, eval_every=eval_every, evaluate=evaluate)
     # A non-finite norm is not JSON: a diverged run stops at its last finite evaluation.
     return {**out, "final_test_acc": out["test_acc"][-1], "diverged": diverged,
             "seconds": round(time.perf_counter() - start, 3)}

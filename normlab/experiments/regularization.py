@@ -87,7 +87,6 @@ def train(data: Dataset, batchnorm: bool, dropout: bool, steps: int, eval_every:
     g = torch.Generator().manual_seed(seed)
     out: dict[str, list[Any]] = {"steps": [], "train_acc": [], "test_acc": []}
     start = time.perf_counter()
-    diverged = False
 
     def evaluate(step: int) -> None:
         out["steps"].append(step)
@@ -96,18 +95,9 @@ def train(data: Dataset, batchnorm: bool, dropout: bool, steps: int, eval_every:
 
     model.train()
     evaluate(0)
-    batch = min(BATCH, len(y_train))
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(y_train), (batch,), generator=g)
-        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % eval_every == 0 or step == steps:
-            evaluate(step)
+    diverged = seeded.train_sgd(model, opt, x_train, y_train, steps=steps,
+                         batch=min(BATCH, len(y_train)), generator=g, eval_every=eval_every,
+                         evaluate=evaluate)
     return {**out, "final_test_acc": out["test_acc"][-1], "diverged": diverged,
             "train_size": len(y_train), "seconds": round(time.perf_counter() - start, 3)}
 

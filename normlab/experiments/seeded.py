@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
+from torch import Tensor, nn
 
 from normlab.experiments import figures
 from normlab.experiments.lab import QUICK_STEPS, Context, ExperimentResult, fmt_acc
@@ -23,10 +25,32 @@ from normlab.experiments.report import Section, Table
 from normlab.experiments.verdict import Verdict
 
 __all__ = ["band", "cached", "finish", "legend_outside", "new_figure", "range_text",
-           "save", "seed_list", "steps_for"]
+           "save", "seed_list", "steps_for", "train_sgd"]
 
 # One line per (label, xs, per-seed ys).
 Bands = Sequence[tuple[str, Sequence[float], Sequence[Sequence[float]]]]
+
+
+def train_sgd(
+    model: nn.Module, opt: torch.optim.Optimizer, x_train: Tensor, y_train: Tensor, *,
+    steps: int, batch: int, generator: torch.Generator, eval_every: int,
+    evaluate: Callable[[int], bool | None],
+) -> bool:
+    """The experiments' training loop: ``steps`` SGD steps of cross-entropy on random
+    batches of ``batch`` examples drawn with ``generator``, ``evaluate(step)`` every
+    ``eval_every`` steps and at the last one. Returns whether the run diverged: a
+    non-finite loss, or ``evaluate`` returning ``False`` (it saw a non-finite measure)."""
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(y_train), (batch,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        if not torch.isfinite(loss):
+            return True
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step % eval_every == 0 or step == steps) and evaluate(step) is False:
+            return True
+    return False
 
 
 def seed_list(ctx: Context) -> list[int]:

@@ -146,7 +146,6 @@ def train(data: Dataset, steps: int, eval_every: int, seed: int) -> dict[str, An
     curves: dict[str, list[float]] = {}
     out: dict[str, Any] = {"steps": []}
     start = time.perf_counter()
-    diverged = False
 
     def evaluate(step: int) -> None:
         out["steps"].append(step)
@@ -155,17 +154,8 @@ def train(data: Dataset, steps: int, eval_every: int, seed: int) -> dict[str, An
 
     model.train()
     evaluate(0)
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(y_train), (BATCH,), generator=g)
-        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % eval_every == 0 or step == steps:
-            evaluate(step)
+    diverged = seeded.train_sgd(model, opt, x_train, y_train, steps=steps, batch=BATCH, generator=g,
+                         eval_every=eval_every, evaluate=evaluate)
     by_label = torch.argsort(y_test, stable=True)  # batches of (mostly) one class
     xs = shifted(x_test)
     end = {
