@@ -33,6 +33,7 @@ from normlab.experiments.data import Dataset
 from normlab.experiments.lab import Context, ExperimentResult
 from normlab.experiments.models import mlp
 from normlab.experiments.report import Section, Table
+from normlab.experiments.runs import accuracy
 from normlab.experiments.verdict import Verdict
 
 __all__ = ["DEPTH", "SATURATED", "gradient_norms", "run", "saturated_fraction", "train"]
@@ -91,15 +92,6 @@ def gradient_norms(model: nn.Module, x: Tensor, y: Tensor) -> tuple[list[float],
     return [float(g.double().norm()) for g in grads], [saturated_fraction(z) for z in inputs]
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x).argmax(1) == y).double().mean())
-    model.train(was)
-    return acc
-
-
 def train(data: Dataset, norm: str, init: str, steps: int, eval_every: int,
           seed: int) -> dict[str, Any]:
     """Train one model with plain SGD; per evaluation: step, test accuracy, per-layer
@@ -120,7 +112,7 @@ def train(data: Dataset, norm: str, init: str, steps: int, eval_every: int,
         if not all(math.isfinite(v) for v in norms):
             return False
         out["steps"].append(step)
-        out["test_acc"].append(_accuracy(model, x_test, data.y_test))
+        out["test_acc"].append(accuracy(model, x_test, data.y_test))
         out["grad_norms"].append(norms)
         out["saturated"].append(sat)
         return True

@@ -25,6 +25,7 @@ from normlab.experiments import seeded
 from normlab.experiments.data import Dataset
 from normlab.experiments.lab import Context, ExperimentResult
 from normlab.experiments.report import Section, Table
+from normlab.experiments.runs import accuracy
 from normlab.experiments.verdict import Verdict, accuracy_margin, all_of, effect_verdict
 
 __all__ = ["VARIANTS", "build", "gap", "run", "train"]
@@ -51,15 +52,6 @@ def build(num_inputs: int, num_classes: int, batchnorm: bool, dropout: bool) -> 
         width = h
     layers["out"] = nn.Linear(width, num_classes)
     return nn.Sequential(layers)
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    was = model.training
-    model.eval()
-    acc = float((model(x).argmax(1) == y).double().mean())
-    model.train(was)
-    return acc
 
 
 def gap(run: dict[str, Any]) -> float:
@@ -90,8 +82,8 @@ def train(data: Dataset, batchnorm: bool, dropout: bool, steps: int, eval_every:
 
     def evaluate(step: int) -> None:
         out["steps"].append(step)
-        out["train_acc"].append(_accuracy(model, x_train, y_train))
-        out["test_acc"].append(_accuracy(model, x_test, data.y_test))
+        out["train_acc"].append(accuracy(model, x_train, y_train))
+        out["test_acc"].append(accuracy(model, x_test, data.y_test))
 
     model.train()
     evaluate(0)

@@ -52,6 +52,7 @@ class TrainSpec:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
     """Fraction of ``x`` ``[N, ...]`` classified as ``y`` ``[N]``, in eval mode."""
     was_training = model.training

@@ -31,10 +31,11 @@ from normlab.experiments.data import Dataset
 from normlab.experiments.lab import Context, ExperimentResult
 from normlab.experiments.models import mlp
 from normlab.experiments.report import Section, Table
+from normlab.experiments.runs import accuracy
 from normlab.experiments.verdict import Verdict, accuracy_margin, all_of, effect_verdict
 
 __all__ = ["BATCHES", "SHIFT", "batch_stats_accuracy", "constant_prediction_accuracy",
-           "eval_accuracy", "reestimated", "run", "shifted", "single_sample", "train"]
+           "reestimated", "run", "shifted", "single_sample", "train"]
 
 HIDDEN, LR, BATCH = [100, 100, 100], 0.1, 64
 BATCHES = (64, 8, 2)  # test batch sizes run with batch statistics over training
@@ -45,16 +46,6 @@ ADAPT_PASSES = 2  # passes over the shifted training images to re-estimate the s
 def shifted(x: Tensor, shift: tuple[float, float] = SHIFT) -> Tensor:
     """``scale * x + offset``: the shifted test distribution."""
     return shift[0] * x + shift[1]
-
-
-@torch.no_grad()
-def eval_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Accuracy in eval mode (running statistics), the model's mode left as it was."""
-    was = model.training
-    model.eval()
-    acc = float((model(x).argmax(1) == y).double().mean())
-    model.train(was)
-    return acc
 
 
 @torch.no_grad()
@@ -128,7 +119,7 @@ def reestimated(model: nn.Module, x: Tensor, batch: int = BATCH, passes: int = A
 
 
 def _measure(model: nn.Module, x: Tensor, y: Tensor, order: Tensor) -> dict[str, float]:
-    row = {"eval": eval_accuracy(model, x, y)}
+    row = {"eval": accuracy(model, x, y)}
     for b in BATCHES:
         row[f"batch{b}"] = batch_stats_accuracy(model, x, y, b, order)
     return row
@@ -165,8 +156,8 @@ def train(data: Dataset, steps: int, eval_every: int, seed: int) -> dict[str, An
         "shifted": {**_measure(model, xs, y_test, order),
                     "single_class": batch_stats_accuracy(model, xs, y_test, BATCH, by_label),
                     "batch1": constant_prediction_accuracy(model, xs, y_test),
-                    "adapted": eval_accuracy(reestimated(model, shifted(x_train), seed=seed),
-                                             xs, y_test)},
+                    "adapted": accuracy(reestimated(model, shifted(x_train), seed=seed),
+                                        xs, y_test)},
     }
     return {**out, "test_acc": curves["eval"], "curves": curves, "end": end,
             "batch1_error": single_sample(model, x_test),
