@@ -359,7 +359,7 @@ class Pieces:
         x4: Tensor, weight: Tensor | None, bias: Tensor | None, *, per_sample: bool,
         center: bool, eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y4, stats = _forward_op(x4, weight, bias, None, None, None, list(x4.shape),
+        y4, stats = forward(x4, weight, bias, None, None, None, list(x4.shape),
                                 per_sample, center, eps, 0, 0.0)
         return (y4, _stat_shape(stats[0], x4, per_sample),
                 _stat_shape(stats[1], x4, per_sample))
@@ -369,7 +369,7 @@ class Pieces:
         x4: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
         *, eps: float,
     ) -> Tensor:
-        return _forward_op(x4, weight, bias, None, mean, var, list(x4.shape), False, True,
+        return forward(x4, weight, bias, None, mean, var, list(x4.shape), False, True,
                            eps, 0, 0.0)[0]
 
     @staticmethod
