@@ -360,7 +360,7 @@ class Pieces:
         center: bool, eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y4, stats = forward(x4, weight, bias, None, None, None, list(x4.shape),
-                                per_sample, center, eps, 0, 0.0)
+                            per_sample, center, eps, 0, 0.0)
         return (y4, _stat_shape(stats[0], x4, per_sample),
                 _stat_shape(stats[1], x4, per_sample))
 
@@ -370,7 +370,7 @@ class Pieces:
         *, eps: float,
     ) -> Tensor:
         return forward(x4, weight, bias, None, mean, var, list(x4.shape), False, True,
-                           eps, 0, 0.0)[0]
+                       eps, 0, 0.0)[0]
 
     @staticmethod
     def backward_reduce(
